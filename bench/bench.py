@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Side-by-side speed of ptb-lm and plain PyTorch (bench/reference.py) on one machine.
+
+Runs the same config for a few epochs with ptb-lm (CUDA graph and plain paths on a GPU) and
+with the PyTorch reference, then prints a Markdown table: train tokens/s, seconds per epoch,
+eval tokens/s, peak GPU memory (allocator), peak RSS, validation perplexity, and the ratio
+to PyTorch. The first epoch of every run includes warm-up; the table reports the last one.
+
+usage: bench/bench.py [--config configs/better.toml] [--epochs 2] [--bin target/release/ptb-lm]
+Default config: configs/better.toml on a GPU, configs/rnnlm.toml on CPU.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run_ptb_lm(binary, config, epochs, device, data_dir, graph, out):
+    args = [binary, "train", "--config", config, "--epochs", str(epochs), "--out-dir", out,
+            "--overwrite", "--quiet", "--device", device, "--set", f"train.cuda_graph={str(graph).lower()}"]
+    if data_dir:
+        args += ["--data-dir", data_dir]
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def run_reference(config, epochs, device, data_dir):
+    args = [sys.executable, os.path.join(HERE, "reference.py"), "--config", config, "--epochs", str(epochs),
+            "--device", device]
+    if data_dir:
+        args += ["--data-dir", data_dir]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return [r for r in map(json.loads, out.splitlines()) if "epoch" in r]
+
+
+def valid_tokens(config, data_dir):
+    import tomllib
+    with open(config, "rb") as f:
+        cfg = tomllib.load(f)
+    d = data_dir or cfg.get("data", {}).get("dir", "data/ptb")
+    n = 0
+    with open(os.path.join(d, "ptb.valid.txt")) as f:
+        for line in f:
+            n += len(line.split()) + 1
+    cap = cfg.get("data", {}).get("valid_tokens")
+    n = min(n, cap) if cap else n
+    t = cfg["train"]
+    eb, bptt = t.get("eval_batch_size", 10), t.get("bptt", 35)
+    return ((n - 1) // (eb * bptt)) * eb * bptt
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "ptb-lm"))
+    ap.add_argument("--data-dir")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args()
+    import torch
+    cuda = torch.cuda.is_available() and a.device != "cpu"
+    device = "cuda" if cuda else "cpu"
+    config = a.config or os.path.join(ROOT, "configs", "better.toml" if cuda else "rnnlm.toml")
+    machine = torch.cuda.get_device_name(0) if cuda else f"CPU, {os.cpu_count()} cores"
+    vt = valid_tokens(config, a.data_dir)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [("ptb-lm, CUDA graph", True), ("ptb-lm, plain", False)] if cuda else [("ptb-lm", False)]
+        for name, graph in variants:
+            recs = run_ptb_lm(a.bin, config, a.epochs, device, a.data_dir, graph, os.path.join(tmp, name.replace(" ", "_").replace(",", "")))
+            rows.append((name, recs[-1], recs))
+    ref = run_reference(config, a.epochs, device, a.data_dir)
+    rows.append(("PyTorch eager", ref[-1], ref))
+    base = ref[-1]["tokens_per_s"]
+    print(f"\n{os.path.relpath(config, ROOT)}, {a.epochs} epochs, on {machine} (last epoch shown)\n")
+    print("| run | train tokens/s | s/epoch | eval tokens/s | peak GPU MiB | peak RSS MiB | valid ppl | speed vs PyTorch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r, recs in rows:
+        gpu = f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") else "-"
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['seconds']:.2f} | {vt / r['valid_seconds']:,.0f} | {gpu} | "
+              f"{r['peak_rss_mib']:.0f} | {r['valid_ppl']:.2f} | {r['tokens_per_s'] / base:.2f}x |")
+    print()
+    print(json.dumps({"config": config, "machine": machine, "epochs": a.epochs,
+                      "runs": {name: recs for name, _, recs in rows}}))
+
+
+if __name__ == "__main__":
+    main()

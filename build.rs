@@ -1,0 +1,73 @@
+//! Link-time set-up that torch-sys leaves to us (see ../shared/TOOLCHAIN.md):
+//!
+//! * an rpath to the libtorch lib directory, so the binary runs without LD_LIBRARY_PATH;
+//! * `libtorch_cuda.so` linked with `--no-as-needed`, without which the linker drops it
+//!   (no symbol of it is referenced) and CUDA is silently unavailable at run time;
+//! * the small C++ shim `src/cuda_graph.cpp` (CUDA graph capture/replay, GPU memory
+//!   statistics), compiled against the same libtorch headers when libtorch has CUDA.
+//!   Without it the crate still builds, with `cuda_graph::available() == false`.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(ptb_cuda_shim)");
+    println!("cargo:rerun-if-changed=src/cuda_graph.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+
+    // Exported by torch-sys (its `links = "tch"`): the libtorch lib directory it linked.
+    let lib = PathBuf::from(env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB"));
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+
+    let has_cuda = lib.join("libtorch_cuda.so").exists();
+    if has_cuda {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+
+    let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
+    match (has_cuda, cuda_headers(&lib)) {
+        (true, Some(cuda_include)) if include.join("ATen/cuda/CUDAGraph.h").exists() => {
+            cc::Build::new()
+                .cpp(true)
+                .pic(true)
+                .warnings(false)
+                .include(&include)
+                .include(include.join("torch/csrc/api/include"))
+                .include(&cuda_include)
+                .flag("-std=c++17")
+                .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+                .flag("-DGLOG_USE_GLOG_EXPORT")
+                .file("src/cuda_graph.cpp")
+                .compile("ptb_cuda_shim");
+            for l in ["torch_cuda", "c10_cuda", "torch_cpu", "c10"] {
+                println!("cargo:rustc-link-lib=dylib={l}");
+            }
+            println!("cargo:rustc-cfg=ptb_cuda_shim");
+        }
+        (true, None) => println!(
+            "cargo:warning=libtorch has CUDA but no CUDA runtime headers were found \
+             (set CUDA_HOME); building without CUDA graph support"
+        ),
+        _ => {}
+    }
+}
+
+/// The directory holding `cuda_runtime_api.h`: CUDA_HOME, the PyPI wheel's nvidia
+/// packages beside torch, or /usr/local/cuda.
+fn cuda_headers(torch_lib: &Path) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Ok(home) = env::var("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("include"));
+    }
+    // site-packages/torch/lib -> site-packages/nvidia/<cuXX>/include
+    if let Some(site) = torch_lib.parent().and_then(Path::parent) {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("include")).collect();
+            dirs.sort();
+            candidates.extend(dirs);
+        }
+        candidates.push(site.join("nvidia/cuda_runtime/include"));
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    candidates.into_iter().find(|d| d.join("cuda_runtime_api.h").exists())
+}

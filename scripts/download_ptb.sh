@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Fetch the Penn Treebank (Mikolov's split: ptb.{train,valid,test}.txt) into a directory,
+# checking each file's SHA-256 against scripts/ptb.sha256. Idempotent: files already there
+# with the right checksum are kept.
+#
+# usage: scripts/download_ptb.sh [--dest DIR] [--from DIR_OR_URL]
+#   --dest DIR    where the files go (default: data/ptb)
+#   --from SRC    a local directory holding the three files (nothing is downloaded), or a
+#                 base URL. Default: $PTB_SOURCE, else the source the book uses,
+#                 https://raw.githubusercontent.com/tomsercu/lstm/master/data
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+sums="$root/scripts/ptb.sha256"
+dest="data/ptb"
+src="${PTB_SOURCE:-https://raw.githubusercontent.com/tomsercu/lstm/master/data}"
+
+die() { printf 'download_ptb: %s\n' "$*" >&2; exit 1; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dest) dest="${2:?--dest needs a directory}"; shift 2 ;;
+    --from) src="${2:?--from needs a directory or URL}"; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+expected() { awk -v f="$1" '$2 == f { print $1 }' "$sums"; }
+
+mkdir -p "$dest"
+for name in ptb.train.txt ptb.valid.txt ptb.test.txt; do
+  want=$(expected "$name")
+  target="$dest/$name"
+  if [[ -f "$target" && "$(sha "$target")" == "$want" ]]; then
+    continue
+  fi
+  tmp="$target.partial"
+  rm -f "$tmp"
+  if [[ "$src" == http://* || "$src" == https://* ]]; then
+    echo "download_ptb: fetching $src/$name" >&2
+    if command -v curl >/dev/null; then
+      curl -fsSL --retry 3 -o "$tmp" "$src/$name" || { rm -f "$tmp"; die "could not download $src/$name (offline? use --from DIR with a local copy)"; }
+    elif command -v wget >/dev/null; then
+      wget -q -O "$tmp" "$src/$name" || { rm -f "$tmp"; die "could not download $src/$name (offline? use --from DIR with a local copy)"; }
+    else
+      die "neither curl nor wget is installed; use --from DIR with a local copy"
+    fi
+  else
+    [[ -f "$src/$name" ]] || die "$src/$name: no such file (--from must be a directory holding the three PTB files)"
+    cp "$src/$name" "$tmp"
+  fi
+  got=$(sha "$tmp")
+  if [[ "$got" != "$want" ]]; then
+    rm -f "$tmp"
+    die "$name from $src has SHA-256 $got, expected $want: refusing it (corrupt, truncated or a different file)"
+  fi
+  mv "$tmp" "$target"
+  echo "download_ptb: $target ok" >&2
+done
+# ptb-lm re-checks the files against this on every load.
+cp "$sums" "$dest/SHA256SUMS"

@@ -1,0 +1,239 @@
+//! A checkpoint is a directory:
+//!
+//! * `model.safetensors`: the weights, named as in [`crate::model`];
+//! * `checkpoint.json`: config, vocabulary, epoch, lr, perplexities, ptb-lm version, and for a
+//!   resumable checkpoint (`last/`) the position in training;
+//! * `state.safetensors` (resumable checkpoints only): the carried LSTM state and, when
+//!   averaged SGD is on, the running averages.
+//!
+//! Writes are atomic: everything goes into a temporary sibling directory, each file and the
+//! directory are fsynced, and the temporary directory is swapped with the old one in one
+//! `renameat2(RENAME_EXCHANGE)`. A process killed at any point leaves either the old or the
+//! new checkpoint, whole.
+
+use crate::config::Config;
+use crate::data::Vocab;
+use crate::model::LstmLm;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tch::{Device, Kind, Tensor};
+
+pub const FORMAT: u32 = 1;
+pub const WEIGHTS: &str = "model.safetensors";
+pub const STATE: &str = "state.safetensors";
+pub const META: &str = "checkpoint.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Checkpoint format version (this build writes and reads [`FORMAT`]).
+    pub format: u32,
+    pub ptb_lm_version: String,
+    pub config: Config,
+    pub vocab: Vec<String>,
+    /// Epochs completed when the weights were taken.
+    pub epoch: usize,
+    pub lr: f64,
+    /// Validation perplexity of these weights (None when not measured, e.g. mid-epoch).
+    pub valid_ppl: Option<f64>,
+    pub best_valid_ppl: Option<f64>,
+    /// Present in resumable checkpoints.
+    pub resume: Option<Resume>,
+}
+
+/// Where training stands, for `ptb-lm train --resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// 0-based epoch in progress.
+    pub epoch: usize,
+    /// Next batch of that epoch.
+    pub batch: usize,
+    /// Sum of the training losses of the epoch's batches so far, and their number.
+    pub loss_sum: f64,
+    pub loss_batches: usize,
+    /// Training seconds spent in the epoch so far.
+    pub seconds: f64,
+    pub nan_restarts: usize,
+    pub best_epoch: Option<usize>,
+    /// Validation perplexity of every completed epoch.
+    pub valid_history: Vec<f64>,
+    /// Steps averaged so far when averaged SGD is on (0: not averaging).
+    pub asgd_count: u64,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    pub weights: Vec<(String, Tensor)>,
+    pub state: Vec<(String, Tensor)>,
+}
+
+impl Checkpoint {
+    /// Reads and checks a checkpoint directory.
+    pub fn load(dir: &Path) -> Result<Checkpoint> {
+        let meta = read_meta(dir)?;
+        let weights = read_tensors(&dir.join(WEIGHTS))?;
+        let state_path = dir.join(STATE);
+        let state = if state_path.exists() { read_tensors(&state_path)? } else { Vec::new() };
+        Ok(Checkpoint { dir: dir.to_path_buf(), meta, weights, state })
+    }
+
+    pub fn vocab(&self) -> Result<Vocab> {
+        Vocab::from_words(self.meta.vocab.clone()).with_context(|| self.dir.join(META).display().to_string())
+    }
+
+    /// Builds the model the checkpoint describes on `device` and loads its weights.
+    pub fn model(&self, device: Device) -> Result<LstmLm> {
+        let model = LstmLm::new(&self.meta.config.model, device, Kind::Float)?;
+        model.load_named(&self.weights, &self.dir.join(WEIGHTS))?;
+        Ok(model)
+    }
+
+    /// A tensor of `state.safetensors` by name.
+    pub fn state_tensor(&self, name: &str) -> Result<&Tensor> {
+        self.state
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .with_context(|| format!("{}: tensor '{name}' is missing", self.dir.join(STATE).display()))
+    }
+}
+
+pub fn read_meta(dir: &Path) -> Result<Meta> {
+    if !dir.is_dir() {
+        bail!("{}: no such checkpoint directory", dir.display());
+    }
+    let path = dir.join(META);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{}: not a ptb-lm checkpoint (no {META})", dir.display())
+        }
+        Err(e) => bail!("{}: {e}", path.display()),
+    };
+    let probe: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON ({e})", path.display()))?;
+    let format = probe.get("format").and_then(|f| f.as_u64());
+    if format != Some(FORMAT as u64) {
+        bail!(
+            "{}: checkpoint format {} is not the one this ptb-lm reads ({FORMAT})",
+            path.display(),
+            format.map_or("(none)".to_string(), |f| f.to_string())
+        );
+    }
+    let meta: Meta = serde_path_to_error::deserialize(probe)
+        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))?;
+    meta.config.validate().with_context(|| format!("{}: config", path.display()))?;
+    if meta.vocab.len() as i64 != meta.config.model.vocab_size {
+        bail!(
+            "{}: the vocabulary has {} words but model.vocab_size is {}",
+            path.display(),
+            meta.vocab.len(),
+            meta.config.model.vocab_size
+        );
+    }
+    Ok(meta)
+}
+
+fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.exists() {
+        bail!("{}: file is missing", path.display());
+    }
+    Tensor::read_safetensors(path).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.lines().next().unwrap_or_default().to_string();
+        anyhow::anyhow!("{}: not a readable safetensors file ({msg})", path.display())
+    })
+}
+
+static SAVES: AtomicUsize = AtomicUsize::new(0);
+
+/// Writes a checkpoint atomically into `dir` (replacing what was there).
+pub fn save(dir: &Path, meta: &Meta, weights: &[(String, Tensor)], state: &[(String, Tensor)]) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dir.file_name().with_context(|| format!("{}: not a directory name", dir.display()))?;
+    fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let tmp = parent.join(format!(".{}.tmp", name.to_string_lossy()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+
+    write_tensors(&tmp.join(WEIGHTS), weights)?;
+    failpoint_pause_in_save();
+    if !state.is_empty() {
+        write_tensors(&tmp.join(STATE), state)?;
+    }
+    let json = serde_json::to_string_pretty(meta)?;
+    let meta_path = tmp.join(META);
+    let mut f = File::create(&meta_path).with_context(|| format!("{}: cannot create", meta_path.display()))?;
+    f.write_all(json.as_bytes())?;
+    f.sync_all()?;
+    sync_dir(&tmp)?;
+
+    if dir.exists() {
+        exchange(&tmp, dir)?;
+        fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
+    } else {
+        fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename to {}", tmp.display(), dir.display()))?;
+    }
+    sync_dir(parent)
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(&str, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t.detach().to_device(Device::Cpu).contiguous())).collect();
+    Tensor::write_safetensors(&cpu, path).with_context(|| format!("{}: cannot write", path.display()))?;
+    File::open(path)?.sync_all().with_context(|| format!("{}: fsync", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("{}: fsync", dir.display()))
+}
+
+/// Atomically swaps two directories (Linux renameat2); elsewhere, or on a file system
+/// without it, falls back to two renames (a crash between them leaves `b` under a `.old`
+/// name beside it).
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let ca = CString::new(a.as_os_str().as_bytes())?;
+        let cb = CString::new(b.as_os_str().as_bytes())?;
+        // SAFETY: both paths are valid NUL-terminated strings for the duration of the call.
+        let rc =
+            unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(err).with_context(|| format!("{}: cannot replace with {}", b.display(), a.display()));
+        }
+    }
+    let old = b.with_extension("old");
+    if old.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    fs::rename(b, &old)?;
+    fs::rename(a, b)?;
+    fs::rename(&old, a)?;
+    Ok(())
+}
+
+/// Test hook: with PTB_LM_FAILPOINT_SAVE_PAUSE=N, the save after the first N pauses for a
+/// minute half-way (weights written, metadata not), so a test can kill the process there.
+fn failpoint_pause_in_save() {
+    let n = SAVES.fetch_add(1, Ordering::SeqCst);
+    if let Some(at) = std::env::var("PTB_LM_FAILPOINT_SAVE_PAUSE").ok().and_then(|v| v.parse::<usize>().ok()) {
+        if n == at {
+            eprintln!("ptb-lm: failpoint: paused in checkpoint save");
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! Run configuration: one TOML file with `[data]`, `[model]`, `[train]` and `[run]` tables.
+//!
+//! Every key is checked: an unknown key, a value of the wrong type and an out-of-range value
+//! are errors that name the file and the key (`configs/x.toml: train.lrr: unknown field ...`).
+//! Single values can be overridden from the command line with `--set table.key=value`, which
+//! goes through the same checks.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// Where the corpus lives, and optional caps on how much of each split is used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Directory holding ptb.{train,valid,test}.txt (relative paths: from the working directory).
+    #[serde(default = "default_data_dir")]
+    pub dir: PathBuf,
+    /// Use only the first N tokens of each split (quick experiments, tests). The vocabulary
+    /// is always built from the whole training file.
+    #[serde(default)]
+    pub train_tokens: Option<usize>,
+    #[serde(default)]
+    pub valid_tokens: Option<usize>,
+    #[serde(default)]
+    pub test_tokens: Option<usize>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { dir: default_data_dir(), train_tokens: None, valid_tokens: None, test_tokens: None }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data/ptb")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InitScheme {
+    /// The book's: embedding N(0, 0.01²), weights N(0, 1/fan_in), biases 0.
+    #[default]
+    Book,
+    /// PyTorch's defaults for nn.LSTM, with the embedding and decoder drawn U(-0.1, 0.1)
+    /// (as in PyTorch's word_language_model and AWD-LSTM).
+    Uniform,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: i64,
+    pub wordvec_size: i64,
+    pub hidden_size: i64,
+    #[serde(default = "one")]
+    pub num_layers: i64,
+    /// Dropout ratio applied, as in the book's BetterRnnlm, to the embedding output, between
+    /// LSTM layers and before the decoder. The three `dropout_*` keys override it per place.
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub dropout_input: Option<f64>,
+    #[serde(default)]
+    pub dropout_hidden: Option<f64>,
+    #[serde(default)]
+    pub dropout_output: Option<f64>,
+    /// Share the embedding matrix with the decoder (Press & Wolf 2017; Inan et al. 2017).
+    /// Needs wordvec_size == hidden_size.
+    #[serde(default)]
+    pub tie_weights: bool,
+    #[serde(default)]
+    pub init: InitScheme,
+    /// Variational ("locked") dropout: one mask per sequence, shared across time steps
+    /// (Gal & Ghahramani 2016). Off: a fresh mask per time step, as in the book.
+    #[serde(default)]
+    pub locked_dropout: bool,
+    /// Embedding dropout: drop whole words from the embedding matrix (Gal & Ghahramani 2016).
+    #[serde(default)]
+    pub dropout_embedding: f64,
+    /// DropConnect on the hidden-to-hidden LSTM weights (Wan et al. 2013, as used by
+    /// Merity et al. 2018, AWD-LSTM).
+    #[serde(default)]
+    pub weight_drop: f64,
+}
+
+impl ModelConfig {
+    pub fn dropout_input(&self) -> f64 {
+        self.dropout_input.unwrap_or(self.dropout)
+    }
+    pub fn dropout_hidden(&self) -> f64 {
+        self.dropout_hidden.unwrap_or(self.dropout)
+    }
+    pub fn dropout_output(&self) -> f64 {
+        self.dropout_output.unwrap_or(self.dropout)
+    }
+}
+
+fn default_vocab_size() -> i64 {
+    10_000
+}
+fn one() -> i64 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default = "default_batch_size")]
+    pub batch_size: i64,
+    /// Truncated-BPTT length (the book's `time_size`).
+    #[serde(default = "default_bptt")]
+    pub bptt: i64,
+    pub lr: f64,
+    /// Global gradient-norm clipping threshold; 0 disables clipping.
+    #[serde(default)]
+    pub max_grad: f64,
+    pub epochs: usize,
+    /// When validation perplexity does not improve, lr /= lr_decay (the book: 4).
+    #[serde(default = "default_lr_decay")]
+    pub lr_decay: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Batch size used for validation and test perplexity (the book's eval_perplexity: 10).
+    #[serde(default = "default_eval_batch_size")]
+    pub eval_batch_size: i64,
+    /// L2 penalty added to the SGD update (off by default).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Activation regularisation: alpha * mean(h²) on the last layer's dropped output
+    /// (Merity, McCann & Socher 2017). Off by default.
+    #[serde(default)]
+    pub ar_alpha: f64,
+    /// Temporal activation regularisation: beta * mean((h_t - h_{t-1})²) on the last layer's
+    /// output before dropout (Merity, McCann & Socher 2017). Off by default.
+    #[serde(default)]
+    pub tar_beta: f64,
+    /// Non-monotonically triggered averaged SGD (Merity et al. 2018; Polyak & Juditsky
+    /// 1992): once validation has not beaten the best of the epochs before the last
+    /// `asgd_nonmono`, keep a running mean of the weights and evaluate/save the mean. While
+    /// averaging, the learning rate no longer decays.
+    #[serde(default)]
+    pub asgd: bool,
+    #[serde(default = "default_nonmono")]
+    pub asgd_nonmono: usize,
+    /// Give up after this many non-finite losses (each one restores the last good weights
+    /// and divides lr by lr_decay).
+    #[serde(default = "default_max_nan_restarts")]
+    pub max_nan_restarts: usize,
+    /// Capture the whole training step in a CUDA graph (CUDA only; falls back to plain
+    /// execution with a warning when capture is impossible).
+    #[serde(default = "yes")]
+    pub cuda_graph: bool,
+}
+
+fn default_batch_size() -> i64 {
+    20
+}
+fn default_bptt() -> i64 {
+    35
+}
+fn default_lr_decay() -> f64 {
+    4.0
+}
+fn default_seed() -> u64 {
+    1
+}
+fn default_eval_batch_size() -> i64 {
+    10
+}
+fn default_nonmono() -> usize {
+    5
+}
+fn default_max_nan_restarts() -> usize {
+    3
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when available, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        })
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            _ => Err(format!("unknown device '{s}' (expected auto, cpu or cuda)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run directory: checkpoints `best/` and `last/`, metrics.jsonl, perplexity.png.
+    #[serde(default = "default_out_dir")]
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub device: DeviceChoice,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { out_dir: default_out_dir(), device: DeviceChoice::Auto }
+    }
+}
+
+fn default_out_dir() -> PathBuf {
+    PathBuf::from("runs/default")
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`table.key=value`, value in TOML syntax; a bare word
+    /// is taken as a string), then checks every key and value.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read config", path.display()))?;
+        Config::parse(&text, overrides).with_context(|| path.display().to_string())
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            match line {
+                Some(l) => anyhow::anyhow!("line {l}: {}", e.message()),
+                None => anyhow::anyhow!("{}", e.message()),
+            }
+        })?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        Config::from_value(value)
+    }
+
+    pub fn from_value(value: toml::Value) -> Result<Config> {
+        let config: Config = serde_path_to_error::deserialize(value)
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.path(), e.inner().message()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range checks that serde's types cannot express. Errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        let t = &self.train;
+        positive("model.vocab_size", m.vocab_size)?;
+        if m.vocab_size < 2 {
+            bail!("model.vocab_size must be at least 2 (got {})", m.vocab_size);
+        }
+        positive("model.wordvec_size", m.wordvec_size)?;
+        positive("model.hidden_size", m.hidden_size)?;
+        positive("model.num_layers", m.num_layers)?;
+        for (key, p) in [
+            ("model.dropout", Some(m.dropout)),
+            ("model.dropout_input", m.dropout_input),
+            ("model.dropout_hidden", m.dropout_hidden),
+            ("model.dropout_output", m.dropout_output),
+            ("model.dropout_embedding", Some(m.dropout_embedding)),
+            ("model.weight_drop", Some(m.weight_drop)),
+        ] {
+            if let Some(p) = p {
+                if !(0.0..1.0).contains(&p) {
+                    bail!("{key} must be in [0, 1) (got {p})");
+                }
+            }
+        }
+        if m.tie_weights && m.wordvec_size != m.hidden_size {
+            bail!(
+                "model.tie_weights needs model.wordvec_size == model.hidden_size (got {} and {})",
+                m.wordvec_size,
+                m.hidden_size
+            );
+        }
+        positive("train.batch_size", t.batch_size)?;
+        positive("train.bptt", t.bptt)?;
+        positive("train.eval_batch_size", t.eval_batch_size)?;
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            bail!("train.lr must be a positive number (got {})", t.lr);
+        }
+        if !(t.max_grad.is_finite() && t.max_grad >= 0.0) {
+            bail!("train.max_grad must be >= 0 (0 disables clipping; got {})", t.max_grad);
+        }
+        if t.epochs == 0 {
+            bail!("train.epochs must be at least 1");
+        }
+        if !(t.lr_decay.is_finite() && t.lr_decay >= 1.0) {
+            bail!("train.lr_decay must be >= 1 (got {})", t.lr_decay);
+        }
+        for (key, v) in
+            [("train.weight_decay", t.weight_decay), ("train.ar_alpha", t.ar_alpha), ("train.tar_beta", t.tar_beta)]
+        {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{key} must be >= 0 (got {v})");
+            }
+        }
+        if t.asgd && t.asgd_nonmono == 0 {
+            bail!("train.asgd_nonmono must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serialises")
+    }
+}
+
+fn positive(key: &str, v: i64) -> Result<()> {
+    if v < 1 {
+        bail!("{key} must be at least 1 (got {v})");
+    }
+    Ok(())
+}
+
+/// `table.key=value`: sets one value in the parsed TOML document.
+fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
+    let (key, raw) = spec.split_once('=').with_context(|| format!("--set {spec}: expected table.key=value"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    // Parse the value as TOML; a bare word (e.g. cpu, runs/x) is a string.
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {spec}: the key must be table.key, e.g. train.epochs");
+    }
+    let root = doc.as_table_mut().context("config is not a TOML table")?;
+    let table = root
+        .entry(parts[0])
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .with_context(|| format!("--set {spec}: {} is not a table", parts[0]))?;
+    table.insert(parts[1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[model]\nwordvec_size = 8\nhidden_size = 8\n[train]\nlr = 1.0\nepochs = 1\n";
+
+    #[test]
+    fn defaults_follow_the_book() {
+        let c = Config::parse(MIN, &[]).unwrap();
+        assert_eq!(c.model.vocab_size, 10_000);
+        assert_eq!(c.train.batch_size, 20);
+        assert_eq!(c.train.bptt, 35);
+        assert_eq!(c.train.lr_decay, 4.0);
+        assert_eq!(c.train.eval_batch_size, 10);
+        assert_eq!(c.run.device, DeviceChoice::Auto);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MIN}lrr = 3\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("train.lrr") && err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = MIN.replace("epochs = 1", "epochs = \"two\"");
+        let err = Config::parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.starts_with("train.epochs: invalid type"), "{err}");
+    }
+
+    #[test]
+    fn absurd_values_are_refused() {
+        for (set, key) in [
+            ("train.batch_size=0", "train.batch_size"),
+            ("train.lr=-1", "train.lr"),
+            ("model.dropout=1.0", "model.dropout"),
+            ("train.epochs=0", "train.epochs"),
+            ("model.hidden_size=9", "model.tie_weights"),
+        ] {
+            let mut o = vec![set.to_string()];
+            if key == "model.tie_weights" {
+                o.push("model.tie_weights=true".into());
+            }
+            let err = Config::parse(MIN, &o).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let c = Config::parse(MIN, &["train.epochs=7".into(), "run.device=cpu".into()]).unwrap();
+        assert_eq!(c.train.epochs, 7);
+        assert_eq!(c.run.device, DeviceChoice::Cpu);
+        let err = Config::parse(MIN, &["train.epoch=7".into()]).unwrap_err().to_string();
+        assert!(err.contains("train.epoch"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_gives_line() {
+        let err = Config::parse("[model]\nwordvec_size = = 3\n", &[]).unwrap_err().to_string();
+        assert!(err.starts_with("line 2:"), "{err}");
+    }
+}

@@ -1,0 +1,47 @@
+//! Choosing the device, and what the process uses of it.
+
+use crate::config::DeviceChoice;
+use anyhow::{bail, Result};
+use tch::Device;
+
+/// auto: the first GPU when CUDA works, else the CPU. cuda without CUDA is an error.
+pub fn resolve(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda => {
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                bail!(
+                    "device cuda requested, but CUDA is not available here (no GPU visible, or \
+                     libtorch without CUDA); use --device cpu or --device auto"
+                )
+            }
+        }
+    }
+}
+
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Cpu => "cpu".to_string(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Peak resident set size of this process, in MiB (Linux; None elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Peak CUDA memory held by libtorch's allocator, in MiB (None on CPU).
+pub fn peak_gpu_mib(device: Device) -> Option<f64> {
+    match device {
+        Device::Cuda(i) => crate::cuda_graph::peak_allocated_bytes(i).map(|b| b as f64 / (1 << 20) as f64),
+        _ => None,
+    }
+}

@@ -1,0 +1,28 @@
+//! ptb-lm: word-level LSTM language models on the Penn Treebank, trained with libtorch.
+//!
+//! * [`config`]: the TOML run configuration and its checks
+//! * [`data`]: PTB vocabulary, corpus and the book's stateful batching
+//! * [`model`]: the LSTM language model
+//! * [`step`]: one training step (eager or replayed from a CUDA graph)
+//! * [`train`]: the epoch loop, learning-rate schedule, resume and NaN recovery
+//! * [`eval`]: perplexity and the `eval` command
+//! * [`generate`]: sampling text
+//! * [`checkpoint`]: atomic, checked checkpoints
+//! * [`run`]: the run directory and its overwrite rule
+//! * [`metrics`], [`plot`], [`progress`]: what a run reports
+//! * [`device`], [`cuda_graph`]: devices, CUDA graphs and memory statistics
+
+pub mod checkpoint;
+pub mod config;
+pub mod cuda_graph;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod generate;
+pub mod metrics;
+pub mod model;
+pub mod plot;
+pub mod progress;
+pub mod run;
+pub mod step;
+pub mod train;

@@ -1,0 +1,233 @@
+//! The `ptb-lm` command line: parses arguments and dispatches to the library.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use ptb_lm::config::{Config, DeviceChoice};
+use ptb_lm::{checkpoint::Checkpoint, device, eval, generate, train};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "ptb-lm", version, about = "Word-level LSTM language models on the Penn Treebank")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (a new run from --config, or continue one with --resume)
+    Train(TrainArgs),
+    /// Perplexity of a checkpoint on a PTB split or a text file
+    Eval(EvalArgs),
+    /// Sample text from a checkpoint
+    Generate(GenerateArgs),
+    /// Versions, and whether CUDA, cuDNN and CUDA graphs are usable here
+    Info,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Run configuration (TOML), e.g. configs/better.toml
+    #[arg(long, short, value_name = "FILE", required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Continue the interrupted or finished run in this directory (from its last/ checkpoint)
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "overwrite", "out_dir", "seed"])]
+    resume: Option<PathBuf>,
+    /// Replace the run already in the output directory (its checkpoints are deleted)
+    #[arg(long)]
+    overwrite: bool,
+    /// auto (CUDA when available), cpu or cuda
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    /// Run directory (overrides run.out_dir)
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Corpus directory (overrides data.dir)
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Number of epochs (overrides train.epochs)
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Random seed (overrides train.seed)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override any config value, e.g. --set train.lr=10 (repeatable)
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    set: Vec<String>,
+    /// Print nothing but warnings, errors and the final result
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl TrainArgs {
+    /// Every override as `table.key=value`, flags first, then --set in order.
+    fn overrides(&self) -> Vec<String> {
+        let quote = |p: &PathBuf| toml::Value::String(p.display().to_string()).to_string();
+        let mut o = Vec::new();
+        if let Some(d) = self.device {
+            o.push(format!("run.device={d}"));
+        }
+        if let Some(d) = &self.out_dir {
+            o.push(format!("run.out_dir={}", quote(d)));
+        }
+        if let Some(d) = &self.data_dir {
+            o.push(format!("data.dir={}", quote(d)));
+        }
+        if let Some(e) = self.epochs {
+            o.push(format!("train.epochs={e}"));
+        }
+        if let Some(s) = self.seed {
+            o.push(format!("train.seed={s}"));
+        }
+        o.extend(self.set.iter().cloned());
+        o
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Checkpoint directory, e.g. runs/better/best
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// PTB split: test, valid or train
+    #[arg(long, default_value = "test", conflicts_with = "file")]
+    split: String,
+    /// A text file (one sentence per line) instead of a PTB split
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Read words missing from the vocabulary as <unk> (with --file)
+    #[arg(long, requires = "file")]
+    allow_unk: bool,
+    /// Corpus directory (default: the checkpoint's data.dir)
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Evaluation batch size (default: the checkpoint's train.eval_batch_size)
+    #[arg(long)]
+    batch_size: Option<i64>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Checkpoint directory, e.g. runs/better/best
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// Words the model reads before sampling (empty: start a new sentence)
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Words to generate per sample
+    #[arg(long, default_value_t = 100)]
+    words: usize,
+    /// Softmax temperature (0: always the most likely word)
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Sample among the K most likely words only
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Allow <unk> in the output
+    #[arg(long)]
+    allow_unk: bool,
+    /// Stop each sample at the end of its first sentence
+    #[arg(long)]
+    until_eos: bool,
+    /// Number of samples
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    samples: usize,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<train::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Train(args) => {
+            let stop = stop_on_signals()?;
+            let opts = train::TrainOptions { overwrite: args.overwrite, quiet: args.quiet };
+            let summary = match (&args.resume, &args.config) {
+                (Some(dir), _) => train::resume(dir, &args.overrides(), &opts, &stop)?,
+                (None, Some(path)) => train::train(Config::load(path, &args.overrides())?, &opts, &stop)?,
+                (None, None) => unreachable!("clap requires --config or --resume"),
+            };
+            if args.quiet {
+                println!("test perplexity: {:.4}", summary.test_ppl);
+            }
+        }
+        Command::Eval(args) => {
+            let target = match args.file {
+                Some(path) => eval::Target::File { path, allow_unk: args.allow_unk },
+                None => eval::Target::Split(args.split),
+            };
+            let r = eval::run(&args.checkpoint, &target, args.data_dir.as_deref(), args.device, args.batch_size)?;
+            println!(
+                "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s)",
+                r.name,
+                r.ppl,
+                r.tokens,
+                r.seconds,
+                r.tokens as f64 / r.seconds.max(1e-9)
+            );
+        }
+        Command::Generate(args) => {
+            let ckpt = Checkpoint::load(&args.checkpoint)?;
+            let model = ckpt.model(device::resolve(args.device)?)?;
+            let opts = generate::GenerateOptions {
+                words: args.words,
+                temperature: args.temperature,
+                top_k: args.top_k,
+                seed: args.seed,
+                allow_unk: args.allow_unk,
+                until_eos: args.until_eos,
+                samples: args.samples,
+            };
+            let out = generate::generate(&model, &ckpt.vocab()?, &args.prompt, &opts)?;
+            if !out.unknown.is_empty() {
+                eprintln!("warning: not in the vocabulary, read as <unk>: {}", out.unknown.join(", "));
+            }
+            println!("{}", out.samples.join("\n\n"));
+        }
+        Command::Info => {
+            println!("ptb-lm {} (tch 0.24, libtorch 2.11.0)", env!("CARGO_PKG_VERSION"));
+            println!("cuda available: {}", tch::Cuda::is_available());
+            println!("cuda devices: {}", tch::Cuda::device_count());
+            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+            println!("cuda graphs: {}", if ptb_lm::cuda_graph::available() { "built in" } else { "not built" });
+            println!("cpu threads: {}", tch::get_num_threads());
+        }
+    }
+    Ok(())
+}
+
+/// The first SIGINT/SIGTERM asks training to stop after the current step and save; a
+/// second one quits at once.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping now");
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step to save a resumable checkpoint (again to quit at once)");
+    })?;
+    Ok(stop)
+}

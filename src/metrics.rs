@@ -1,0 +1,84 @@
+//! `metrics.jsonl`: one JSON object per epoch, appended as each epoch ends.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    /// Learning rate used during the epoch.
+    pub lr: f64,
+    /// exp(mean training loss over the epoch's batches), dropout on.
+    pub train_ppl: f64,
+    pub valid_ppl: f64,
+    /// Training tokens per second (evaluation excluded).
+    pub tokens_per_s: f64,
+    /// Training seconds (evaluation excluded).
+    pub seconds: f64,
+    pub valid_seconds: f64,
+    pub device: String,
+    /// Validation improved on the best so far (a new best checkpoint was written).
+    pub improved: bool,
+    pub cuda_graph: bool,
+    /// Averaged SGD active (validation measured with the averaged weights).
+    pub averaging: bool,
+    pub peak_gpu_mib: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn new(path: PathBuf) -> MetricsLog {
+        MetricsLog { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn append(&self, record: &EpochRecord) -> Result<()> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("{}: cannot open", self.path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(record)?)
+            .with_context(|| format!("{}: cannot write", self.path.display()))
+    }
+
+    /// All records (none when the file does not exist).
+    pub fn read(&self) -> Result<Vec<EpochRecord>> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| self.path.display().to_string()),
+        };
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("{} line {}: not a metrics record", self.path.display(), i + 1))
+            })
+            .collect()
+    }
+
+    /// Keeps only the records of epochs before `epoch` (1-based), for a resumed run.
+    pub fn keep_before(&self, epoch: usize) -> Result<Vec<EpochRecord>> {
+        let kept: Vec<EpochRecord> = self.read()?.into_iter().filter(|r| r.epoch < epoch).collect();
+        let mut text = String::new();
+        for r in &kept {
+            text.push_str(&serde_json::to_string(r)?);
+            text.push('\n');
+        }
+        fs::write(&self.path, text).with_context(|| format!("{}: cannot write", self.path.display()))?;
+        Ok(kept)
+    }
+}

@@ -1,0 +1,318 @@
+//! The stateful LSTM language model: embedding → dropout → N LSTM layers (dropout between
+//! them) → dropout → linear decoder to the vocabulary, with optional weight tying.
+//!
+//! Each layer is one call to libtorch's fused LSTM (cuDNN on CUDA), so the book's dropout
+//! between layers stays explicit. Tensors are time-major: inputs (T, B), logits (T, B, V).
+//!
+//! Parameter names, as stored in checkpoints:
+//! `embedding.weight` (V, D), `lstm.{l}.weight_ih` (4H, in), `lstm.{l}.weight_hh` (4H, H),
+//! `lstm.{l}.bias_ih` (4H), `lstm.{l}.bias_hh` (4H), `decoder.weight` (V, H, absent when
+//! tied: the decoder then uses `embedding.weight`), `decoder.bias` (V).
+
+use crate::config::{InitScheme, ModelConfig};
+use anyhow::{bail, Result};
+use std::path::Path;
+use tch::nn::{self, Init};
+use tch::{Device, Kind, Tensor};
+
+/// Hidden and cell state of every layer, each (1, B, H).
+#[derive(Debug)]
+pub struct State {
+    pub h: Vec<Tensor>,
+    pub c: Vec<Tensor>,
+}
+
+impl State {
+    pub fn zeros(layers: usize, batch: i64, hidden: i64, kind: Kind, device: Device) -> State {
+        let z = || (0..layers).map(|_| Tensor::zeros([1, batch, hidden], (kind, device))).collect();
+        State { h: z(), c: z() }
+    }
+
+    /// Another handle on the same tensors.
+    pub fn shallow_clone(&self) -> State {
+        State {
+            h: self.h.iter().map(Tensor::shallow_clone).collect(),
+            c: self.c.iter().map(Tensor::shallow_clone).collect(),
+        }
+    }
+
+    /// Cuts the autograd history (truncated BPTT).
+    pub fn detach(&self) -> State {
+        State { h: self.h.iter().map(Tensor::detach).collect(), c: self.c.iter().map(Tensor::detach).collect() }
+    }
+
+    /// Copies `other` into these tensors in place (static buffers for CUDA graphs).
+    pub fn copy_from(&mut self, other: &State) {
+        for (dst, src) in self.h.iter_mut().zip(&other.h).chain(self.c.iter_mut().zip(&other.c)) {
+            dst.copy_(src);
+        }
+    }
+
+    pub fn zero_(&mut self) {
+        for t in self.h.iter_mut().chain(self.c.iter_mut()) {
+            let _ = t.zero_();
+        }
+    }
+
+    /// Named tensors for a resumable checkpoint: `state.h.{l}`, `state.c.{l}`.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (l, (h, c)) in self.h.iter().zip(&self.c).enumerate() {
+            out.push((format!("state.h.{l}"), h.shallow_clone()));
+            out.push((format!("state.c.{l}"), c.shallow_clone()));
+        }
+        out
+    }
+}
+
+/// What one forward pass gives back.
+pub struct Forward {
+    /// (T, B, V) unnormalised scores.
+    pub logits: Tensor,
+    /// The state after the last step (still attached to the graph).
+    pub state: State,
+    /// Last LSTM layer's output before dropout (for temporal activation regularisation).
+    pub last_raw: Tensor,
+    /// Last LSTM layer's output after dropout (for activation regularisation).
+    pub last_dropped: Tensor,
+}
+
+struct Layer {
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+}
+
+pub struct LstmLm {
+    vs: nn::VarStore,
+    cfg: ModelConfig,
+    embedding: Tensor,
+    layers: Vec<Layer>,
+    decoder_weight: Option<Tensor>,
+    decoder_bias: Tensor,
+}
+
+impl LstmLm {
+    /// A freshly initialised model; draws from libtorch's global RNG (seed it first).
+    pub fn new(cfg: &ModelConfig, device: Device, kind: Kind) -> Result<LstmLm> {
+        if cfg.tie_weights && cfg.wordvec_size != cfg.hidden_size {
+            bail!(
+                "model.tie_weights needs model.wordvec_size == model.hidden_size (got {} and {})",
+                cfg.wordvec_size,
+                cfg.hidden_size
+            );
+        }
+        let mut vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (v, d, h) = (cfg.vocab_size, cfg.wordvec_size, cfg.hidden_size);
+        let normal = |fan_in: i64| Init::Randn { mean: 0.0, stdev: 1.0 / (fan_in as f64).sqrt() };
+        let (emb_init, dec_init) = match cfg.init {
+            InitScheme::Book => (Init::Randn { mean: 0.0, stdev: 0.01 }, normal(h)),
+            InitScheme::Uniform => (Init::Uniform { lo: -0.1, up: 0.1 }, Init::Uniform { lo: -0.1, up: 0.1 }),
+        };
+        let embedding = (&root / "embedding").var("weight", &[v, d], emb_init);
+        let mut layers = Vec::new();
+        for l in 0..cfg.num_layers {
+            let p = &root / "lstm" / l;
+            let input = if l == 0 { d } else { h };
+            let bound = 1.0 / (h as f64).sqrt();
+            let (ih, hh, b) = match cfg.init {
+                InitScheme::Book => (normal(input), normal(h), Init::Const(0.0)),
+                InitScheme::Uniform => {
+                    let u = Init::Uniform { lo: -bound, up: bound };
+                    (u, u, u)
+                }
+            };
+            layers.push(Layer {
+                w_ih: p.var("weight_ih", &[4 * h, input], ih),
+                w_hh: p.var("weight_hh", &[4 * h, h], hh),
+                b_ih: p.var("bias_ih", &[4 * h], b),
+                b_hh: p.var("bias_hh", &[4 * h], b),
+            });
+        }
+        let dec = &root / "decoder";
+        let decoder_weight = (!cfg.tie_weights).then(|| dec.var("weight", &[v, h], dec_init));
+        let decoder_bias = dec.var("bias", &[v], Init::Const(0.0));
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+        let model = LstmLm { vs, cfg: cfg.clone(), embedding, layers, decoder_weight, decoder_bias };
+        model.flatten_for_cudnn();
+        Ok(model)
+    }
+
+    /// On CUDA, lays each layer's four tensors out in one buffer as cuDNN wants them, so the
+    /// fused LSTM does not copy its weights on every call.
+    fn flatten_for_cudnn(&self) {
+        if !(self.vs.device().is_cuda() && tch::Cuda::cudnn_is_available()) {
+            return;
+        }
+        let h = self.cfg.hidden_size;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let input = if l == 0 { self.cfg.wordvec_size } else { h };
+            let _ = Tensor::internal_cudnn_rnn_flatten_weight(
+                &[&layer.w_ih, &layer.w_hh, &layer.b_ih, &layer.b_hh],
+                4,
+                input,
+                2, // LSTM
+                h,
+                0,
+                1,
+                false,
+                false,
+            );
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.embedding.kind()
+    }
+
+    pub fn zero_state(&self, batch: i64) -> State {
+        State::zeros(self.layers.len(), batch, self.cfg.hidden_size, self.kind(), self.device())
+    }
+
+    /// Trainable tensors with their checkpoint names, sorted by name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.named_parameters().into_iter().map(|(_, t)| t).collect()
+    }
+
+    pub fn num_parameters(&self) -> i64 {
+        self.parameters().iter().map(Tensor::numel).sum::<usize>() as i64
+    }
+
+    /// The decoder's weight: its own, or the embedding matrix when tied.
+    pub fn decoder_weight(&self) -> &Tensor {
+        self.decoder_weight.as_ref().unwrap_or(&self.embedding)
+    }
+
+    pub fn embedding_weight(&self) -> &Tensor {
+        &self.embedding
+    }
+
+    /// Runs `x` (T, B) of word ids from `state`. With `train`, dropout is active.
+    pub fn forward(&self, x: &Tensor, state: &State, train: bool) -> Forward {
+        let cfg = &self.cfg;
+        let emb_w = if train && cfg.dropout_embedding > 0.0 {
+            embedding_dropout(&self.embedding, cfg.dropout_embedding)
+        } else {
+            self.embedding.shallow_clone()
+        };
+        let mut h = Tensor::embedding(&emb_w, x, -1, false, false);
+        h = self.dropout(&h, cfg.dropout_input(), train);
+        let mut new_h = Vec::with_capacity(self.layers.len());
+        let mut new_c = Vec::with_capacity(self.layers.len());
+        let mut last_raw = None;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let w_hh = if train && cfg.weight_drop > 0.0 {
+                layer.w_hh.dropout(cfg.weight_drop, true)
+            } else {
+                layer.w_hh.shallow_clone()
+            };
+            let (out, hn, cn) = h.lstm(
+                &[&state.h[l], &state.c[l]],
+                &[&layer.w_ih, &w_hh, &layer.b_ih, &layer.b_hh],
+                true,
+                1,
+                0.0,
+                train,
+                false,
+                false,
+            );
+            new_h.push(hn);
+            new_c.push(cn);
+            let last = l + 1 == self.layers.len();
+            let p = if last { cfg.dropout_output() } else { cfg.dropout_hidden() };
+            if last {
+                last_raw = Some(out.shallow_clone());
+            }
+            h = self.dropout(&out, p, train);
+        }
+        let logits = h.linear(self.decoder_weight(), Some(&self.decoder_bias));
+        Forward {
+            logits,
+            state: State { h: new_h, c: new_c },
+            last_raw: last_raw.expect("at least one layer"),
+            last_dropped: h,
+        }
+    }
+
+    fn dropout(&self, x: &Tensor, p: f64, train: bool) -> Tensor {
+        if !train || p == 0.0 {
+            x.shallow_clone()
+        } else if self.cfg.locked_dropout {
+            locked_dropout(x, p)
+        } else {
+            x.dropout(p, true)
+        }
+    }
+
+    /// Mean cross-entropy of `logits` (T, B, V) against `targets` (T, B).
+    pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+        let v = logits.size()[2];
+        logits.view([-1, v]).cross_entropy_for_logits(&targets.view([-1]))
+    }
+
+    /// Copies checked weights into the model: every parameter must be present with its
+    /// shape, and nothing else may be there (`source` names the file in errors).
+    pub fn load_named(&self, tensors: &[(String, Tensor)], source: &Path) -> Result<()> {
+        let params = self.named_parameters();
+        for (name, _) in tensors {
+            if !params.iter().any(|(n, _)| n == name) {
+                bail!(
+                    "{}: unexpected tensor '{name}': not a parameter of this model (a file from \
+                     another model or program?)",
+                    source.display()
+                );
+            }
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (name, param) in &params {
+                let Some((_, src)) = tensors.iter().find(|(n, _)| n == name) else {
+                    bail!("{}: tensor '{name}' is missing", source.display());
+                };
+                if src.size() != param.size() {
+                    bail!(
+                        "{}: tensor '{name}' has shape {:?}, the model expects {:?}",
+                        source.display(),
+                        src.size(),
+                        param.size()
+                    );
+                }
+                if !src.is_floating_point() {
+                    bail!("{}: tensor '{name}' is {:?}, not floating point", source.display(), src.kind());
+                }
+                param.shallow_clone().copy_(src);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Variational dropout: one mask per sequence (shape (1, B, D)), shared by every time step.
+pub fn locked_dropout(x: &Tensor, p: f64) -> Tensor {
+    let s = x.size();
+    let mask = Tensor::empty([1, s[1], s[2]], (x.kind(), x.device())).bernoulli_float_(1.0 - p) / (1.0 - p);
+    x * mask
+}
+
+/// Embedding dropout: whole rows (words) of the embedding matrix are zeroed, the rest scaled.
+pub fn embedding_dropout(w: &Tensor, p: f64) -> Tensor {
+    let mask = Tensor::empty([w.size()[0], 1], (w.kind(), w.device())).bernoulli_float_(1.0 - p) / (1.0 - p);
+    w * mask
+}

@@ -1,0 +1,296 @@
+//! One training step, on static buffers, with no host synchronisation:
+//! forward → loss (+ optional AR/TAR) → backward → global-norm clipping → SGD (+ optional
+//! weight decay) → carried state → running loss sum, all as device operations (the
+//! learning rate is a device scalar; the clipping coefficient never leaves the device).
+//!
+//! Because the step only reads and writes fixed tensors, it can be captured once in a CUDA
+//! graph and replayed for every batch ([`Mode::Graph`]); elsewhere it runs as plain calls.
+//! Both paths run the same code, so they compute the same thing.
+
+use crate::config::TrainConfig;
+use crate::cuda_graph::CudaGraph;
+use crate::model::{LstmLm, State};
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+/// Eager steps run on the capture stream before capturing (as torch.cuda.graph's docs ask).
+const WARMUP_STEPS: usize = 3;
+
+pub enum Mode {
+    Eager,
+    Graph { graph: Option<CudaGraph>, warmed: usize },
+}
+
+pub struct TrainStep {
+    pub model: LstmLm,
+    params: Vec<Tensor>,
+    x: Tensor,
+    y: Tensor,
+    pub state: State,
+    lr: Tensor,
+    loss_sum: Tensor,
+    max_grad: f64,
+    weight_decay: f64,
+    ar_alpha: f64,
+    tar_beta: f64,
+    mode: Mode,
+    /// Running means of the weights (averaged SGD) and the number of iterates in them.
+    avg: Option<(Vec<Tensor>, Tensor)>,
+    /// Last known-good weights and state (see [`TrainStep::snapshot`]).
+    good: Option<(Vec<Tensor>, State)>,
+}
+
+impl TrainStep {
+    pub fn new(model: LstmLm, cfg: &TrainConfig, use_graph: bool) -> TrainStep {
+        let device = model.device();
+        let kind = model.kind();
+        let (b, t) = (cfg.batch_size, cfg.bptt);
+        let params = model.parameters();
+        let state = model.zero_state(b);
+        let mode = if use_graph && device.is_cuda() { Mode::Graph { graph: None, warmed: 0 } } else { Mode::Eager };
+        TrainStep {
+            params,
+            x: Tensor::zeros([t, b], (Kind::Int64, device)),
+            y: Tensor::zeros([t, b], (Kind::Int64, device)),
+            state,
+            lr: Tensor::from(cfg.lr).to_kind(kind).to_device(device),
+            loss_sum: Tensor::zeros([], (Kind::Double, device)),
+            max_grad: cfg.max_grad,
+            weight_decay: cfg.weight_decay,
+            ar_alpha: cfg.ar_alpha,
+            tar_beta: cfg.tar_beta,
+            mode,
+            avg: None,
+            good: None,
+            model,
+        }
+    }
+
+    pub fn uses_graph(&self) -> bool {
+        matches!(self.mode, Mode::Graph { .. })
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        tch::no_grad(|| {
+            let _ = self.lr.fill_(lr);
+        });
+    }
+
+    /// Runs one step on `(x, y)` (each (T, B)). Dropout draws come from libtorch's global
+    /// generator, seeded with `seed` right before the step's work.
+    pub fn run(&mut self, x: &Tensor, y: &Tensor, seed: i64) -> Result<()> {
+        self.x.copy_(x);
+        self.y.copy_(y);
+        let mut mode = std::mem::replace(&mut self.mode, Mode::Eager);
+        let result = self.run_in(&mut mode, seed);
+        self.mode = mode;
+        result
+    }
+
+    fn run_in(&self, mode: &mut Mode, seed: i64) -> Result<()> {
+        match mode {
+            Mode::Eager => {
+                tch::manual_seed(seed);
+                self.compute();
+            }
+            Mode::Graph { graph, warmed } => {
+                let device = device_index(self.model.device());
+                if graph.is_none() {
+                    *graph = Some(CudaGraph::new(device)?);
+                }
+                let g = graph.as_mut().expect("set above");
+                if *warmed < WARMUP_STEPS {
+                    tch::manual_seed(seed);
+                    g.warmup(|| self.compute())?;
+                    *warmed += 1;
+                    return Ok(());
+                }
+                if !g.is_captured() {
+                    g.capture(|| self.compute())?;
+                }
+                // Seeded after capture, so a replay draws exactly what an eager step would.
+                tch::manual_seed(seed);
+                g.replay()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves CUDA graphs for plain execution (after a failed capture).
+    pub fn fall_back_to_eager(&mut self) {
+        self.mode = Mode::Eager;
+    }
+
+    /// Drops the captured graph so the next step captures again (after the step changed,
+    /// e.g. averaging switched on).
+    fn recapture(&mut self) {
+        if let Mode::Graph { graph, warmed } = &mut self.mode {
+            *graph = None;
+            // One warm-up step on the new graph's stream before it captures.
+            *warmed = (*warmed).min(WARMUP_STEPS - 1);
+        }
+    }
+
+    fn compute(&self) {
+        for p in &self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let f = self.model.forward(&self.x, &self.state, true);
+        let loss = LstmLm::loss(&f.logits, &self.y);
+        let mut total = loss.shallow_clone();
+        if self.ar_alpha > 0.0 {
+            total += f.last_dropped.square().mean(None) * self.ar_alpha;
+        }
+        if self.tar_beta > 0.0 {
+            let t = f.last_raw.size()[0];
+            if t > 1 {
+                let d = f.last_raw.narrow(0, 1, t - 1) - f.last_raw.narrow(0, 0, t - 1);
+                total += d.square().mean(None) * self.tar_beta;
+            }
+        }
+        total.backward();
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+            let step = if self.max_grad > 0.0 {
+                let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+                let total_norm = Tensor::stack(&norms, 0).norm();
+                // The book's clip_grads: rate = max / (norm + 1e-6), applied when < 1.
+                ((total_norm + 1e-6).reciprocal() * self.max_grad).clamp_max(1.0) * &self.lr
+            } else {
+                self.lr.shallow_clone()
+            };
+            for (p, g) in self.params.iter().zip(&grads) {
+                let mut p = p.shallow_clone();
+                if self.weight_decay > 0.0 {
+                    let _ = p.g_sub_(&(&p * (&self.lr * self.weight_decay)));
+                }
+                let _ = p.g_sub_(&(g * &step));
+            }
+            let mut state = self.state.shallow_clone();
+            state.copy_from(&f.state);
+            let mut sum = self.loss_sum.shallow_clone();
+            let _ = sum.g_add_(&loss.detach().to_kind(Kind::Double));
+            if let Some((avg, count)) = &self.avg {
+                let mut count = count.shallow_clone();
+                let _ = count.g_add_scalar_(1.0);
+                for (a, p) in avg.iter().zip(&self.params) {
+                    let mut a = a.shallow_clone();
+                    let _ = a.g_add_(&((p - &a) / &count));
+                }
+            }
+        });
+    }
+
+    /// Sum of the training losses since the last [`TrainStep::reset_loss_sum`] (synchronises).
+    pub fn loss_sum(&self) -> f64 {
+        f64::try_from(&self.loss_sum).unwrap_or(f64::NAN)
+    }
+
+    pub fn reset_loss_sum(&mut self, value: f64) {
+        tch::no_grad(|| {
+            let _ = self.loss_sum.fill_(value);
+        });
+    }
+
+    pub fn reset_state(&mut self) {
+        tch::no_grad(|| self.state.zero_());
+    }
+
+    /// Remembers the current weights and state as good (for recovery from a non-finite loss).
+    pub fn snapshot(&mut self) {
+        tch::no_grad(|| match &mut self.good {
+            Some((w, s)) => {
+                for (dst, src) in w.iter_mut().zip(&self.params) {
+                    dst.copy_(src);
+                }
+                s.copy_from(&self.state);
+            }
+            None => {
+                let w = self.params.iter().map(|p| p.detach().copy()).collect();
+                let s = self.state.detach();
+                let s = State { h: s.h.iter().map(Tensor::copy).collect(), c: s.c.iter().map(Tensor::copy).collect() };
+                self.good = Some((w, s));
+            }
+        });
+    }
+
+    /// Puts the last snapshot back; false when there is none.
+    pub fn restore(&mut self) -> bool {
+        let Some((w, s)) = &self.good else { return false };
+        tch::no_grad(|| {
+            for (dst, src) in self.params.iter().zip(w) {
+                dst.shallow_clone().copy_(src);
+            }
+            self.state.copy_from(s);
+        });
+        true
+    }
+
+    /// Whether every weight is finite (synchronises).
+    pub fn weights_finite(&self) -> bool {
+        tch::no_grad(|| self.params.iter().all(|p| bool::try_from(p.isfinite().all()).unwrap_or(false)))
+    }
+
+    /// Starts averaged SGD from the current weights (`count` iterates already averaged,
+    /// with `values` their mean, when resuming).
+    pub fn start_averaging(&mut self, resumed: Option<(Vec<Tensor>, u64)>) {
+        let device = self.model.device();
+        let kind = self.model.kind();
+        let (avg, n) = match resumed {
+            Some((values, n)) => (values.iter().map(|v| v.to_device(device).to_kind(kind)).collect(), n),
+            None => (self.params.iter().map(|p| p.detach().copy()).collect(), 1),
+        };
+        self.avg = Some((avg, Tensor::from(n as f64).to_kind(kind).to_device(device)));
+        self.recapture();
+    }
+
+    pub fn averaging(&self) -> bool {
+        self.avg.is_some()
+    }
+
+    /// Number of iterates in the running mean (0 when not averaging).
+    pub fn averaged_count(&self) -> u64 {
+        self.avg.as_ref().map_or(0, |(_, c)| f64::try_from(c).unwrap_or(0.0) as u64)
+    }
+
+    /// The averaged weights, named like the model's.
+    pub fn averaged_named(&self) -> Option<Vec<(String, Tensor)>> {
+        let (avg, _) = self.avg.as_ref()?;
+        let names = self.model.named_parameters().into_iter().map(|(n, _)| n);
+        Some(names.zip(avg.iter().map(Tensor::shallow_clone)).collect())
+    }
+
+    /// Runs `f` with the averaged weights in the model (when averaging), then puts the
+    /// trained weights back.
+    pub fn with_averaged<T>(&mut self, f: impl FnOnce(&LstmLm) -> T) -> T {
+        let Some((avg, _)) = &self.avg else { return f(&self.model) };
+        let saved: Vec<Tensor> = tch::no_grad(|| {
+            self.params
+                .iter()
+                .zip(avg)
+                .map(|(p, a)| {
+                    let keep = p.detach().copy();
+                    p.shallow_clone().copy_(a);
+                    keep
+                })
+                .collect()
+        });
+        let out = f(&self.model);
+        tch::no_grad(|| {
+            for (p, s) in self.params.iter().zip(&saved) {
+                p.shallow_clone().copy_(s);
+            }
+        });
+        out
+    }
+}
+
+pub fn device_index(device: Device) -> usize {
+    match device {
+        Device::Cuda(i) => i,
+        _ => 0,
+    }
+}
