@@ -3,16 +3,16 @@
 //! * an rpath to the libtorch lib directory, so the binary runs without LD_LIBRARY_PATH;
 //! * `libtorch_cuda.so` linked with `--no-as-needed`, without which the linker drops it
 //!   (no symbol of it is referenced) and CUDA is silently unavailable at run time;
-//! * the small C++ shim `src/cuda_graph.cpp` (CUDA graph capture/replay, GPU memory
-//!   statistics), compiled against the same libtorch headers when libtorch has CUDA.
-//!   Without it the crate still builds, with `cuda_graph::available() == false`.
+//! * the small C++ shim `src/cuda.cpp` (CUDA graph capture/replay, GPU memory
+//!   statistics, TF32 and autocast settings), compiled against the same libtorch headers when libtorch has CUDA.
+//!   Without it the crate still builds, with `cuda::available() == false`.
 
 use std::env;
 use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(ptb_cuda_shim)");
-    println!("cargo:rerun-if-changed=src/cuda_graph.cpp");
+    println!("cargo:rerun-if-changed=src/cuda.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
 
     // Exported by torch-sys (its `links = "tch"`): the libtorch lib directory it linked.
@@ -37,7 +37,7 @@ fn main() {
                 .flag("-std=c++17")
                 .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
                 .flag("-DGLOG_USE_GLOG_EXPORT")
-                .file("src/cuda_graph.cpp")
+                .file("src/cuda.cpp")
                 .compile("ptb_cuda_shim");
             for l in ["torch_cuda", "c10_cuda", "torch_cpu", "c10"] {
                 println!("cargo:rustc-link-lib=dylib={l}");

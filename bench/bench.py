@@ -20,9 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def run_ptb_lm(binary, config, epochs, device, data_dir, graph, out):
+def run_ptb_lm(binary, config, epochs, device, data_dir, settings, out):
     args = [binary, "train", "--config", config, "--epochs", str(epochs), "--out-dir", out,
-            "--overwrite", "--quiet", "--device", device, "--set", f"train.cuda_graph={str(graph).lower()}"]
+            "--overwrite", "--quiet", "--device", device]
+    for s in settings:
+        args += ["--set", s]
     if data_dir:
         args += ["--data-dir", data_dir]
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
@@ -71,9 +73,15 @@ def main():
     vt = valid_tokens(config, a.data_dir)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [("ptb-lm, CUDA graph", True), ("ptb-lm, plain", False)] if cuda else [("ptb-lm", False)]
-        for name, graph in variants:
-            recs = run_ptb_lm(a.bin, config, a.epochs, device, a.data_dir, graph, os.path.join(tmp, name.replace(" ", "_").replace(",", "")))
+        fp32 = ["train.precision=fp32", "train.fused_lstm=false"]
+        variants = [
+            ("ptb-lm: graph, bf16, fused layers", ["train.precision=bf16", "train.fused_lstm=true"]),
+            ("ptb-lm: graph, tf32, fused layers", ["train.precision=tf32", "train.fused_lstm=true"]),
+            ("ptb-lm: graph, fp32", fp32),
+            ("ptb-lm: plain, fp32", fp32 + ["train.cuda_graph=false"]),
+        ] if cuda else [("ptb-lm", [])]
+        for i, (name, settings) in enumerate(variants):
+            recs = run_ptb_lm(a.bin, config, a.epochs, device, a.data_dir, settings, os.path.join(tmp, f"run{i}"))
             rows.append((name, recs[-1], recs))
     ref = run_reference(config, a.epochs, device, a.data_dir)
     rows.append(("PyTorch eager", ref[-1], ref))

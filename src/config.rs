@@ -164,6 +164,26 @@ pub struct TrainConfig {
     /// execution with a warning when capture is impossible).
     #[serde(default = "yes")]
     pub cuda_graph: bool,
+    /// Arithmetic of the training step on CUDA: fp32; tf32 (float32 matmuls on TF32 tensor
+    /// cores); bf16 (autocast: matmuls and the LSTM in bfloat16, weights, loss and
+    /// optimizer in float32). Evaluation always runs in float32 (with TF32 matmuls unless
+    /// fp32). The CPU always computes in float32.
+    #[serde(default)]
+    pub precision: Precision,
+    /// On CUDA, run all LSTM layers in one cuDNN call (cuDNN pipelines the layers; dropout
+    /// between layers is then drawn by cuDNN). Not possible with locked dropout or weight
+    /// drop, which need the layers one by one.
+    #[serde(default = "yes")]
+    pub fused_lstm: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Tf32,
+    Bf16,
 }
 
 fn default_batch_size() -> i64 {

@@ -41,7 +41,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 /// Peak CUDA memory held by libtorch's allocator, in MiB (None on CPU).
 pub fn peak_gpu_mib(device: Device) -> Option<f64> {
     match device {
-        Device::Cuda(i) => crate::cuda_graph::peak_allocated_bytes(i).map(|b| b as f64 / (1 << 20) as f64),
+        Device::Cuda(i) => crate::cuda::peak_allocated_bytes(i).map(|b| b as f64 / (1 << 20) as f64),
         _ => None,
     }
 }

@@ -10,11 +10,11 @@
 //! * [`checkpoint`]: atomic, checked checkpoints
 //! * [`run`]: the run directory and its overwrite rule
 //! * [`metrics`], [`plot`], [`progress`]: what a run reports
-//! * [`device`], [`cuda_graph`]: devices, CUDA graphs and memory statistics
+//! * [`device`], [`cuda`]: devices; CUDA graphs, precision knobs and memory statistics
 
 pub mod checkpoint;
 pub mod config;
-pub mod cuda_graph;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod eval;

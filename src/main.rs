@@ -210,7 +210,7 @@ fn dispatch(command: Command) -> Result<()> {
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
-            println!("cuda graphs: {}", if ptb_lm::cuda_graph::available() { "built in" } else { "not built" });
+            println!("cuda graphs: {}", if ptb_lm::cuda::available() { "built in" } else { "not built" });
             println!("cpu threads: {}", tch::get_num_threads());
         }
     }

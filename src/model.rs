@@ -2,7 +2,10 @@
 //! them) → dropout → linear decoder to the vocabulary, with optional weight tying.
 //!
 //! Each layer is one call to libtorch's fused LSTM (cuDNN on CUDA), so the book's dropout
-//! between layers stays explicit. Tensors are time-major: inputs (T, B), logits (T, B, V).
+//! between layers stays explicit. On CUDA the layers can instead run as one multi-layer
+//! cuDNN call ([`LstmLm::set_fused`]), which computes the same function (dropout between
+//! layers included) faster, because cuDNN overlaps the layers.
+//! Tensors are time-major: inputs (T, B), logits (T, B, V).
 //!
 //! Parameter names, as stored in checkpoints:
 //! `embedding.weight` (V, D), `lstm.{l}.weight_ih` (4H, in), `lstm.{l}.weight_hh` (4H, H),
@@ -91,6 +94,7 @@ pub struct LstmLm {
     layers: Vec<Layer>,
     decoder_weight: Option<Tensor>,
     decoder_bias: Tensor,
+    fused: bool,
 }
 
 impl LstmLm {
@@ -137,32 +141,64 @@ impl LstmLm {
         if kind != Kind::Float {
             vs.set_kind(kind);
         }
-        let model = LstmLm { vs, cfg: cfg.clone(), embedding, layers, decoder_weight, decoder_bias };
+        let model = LstmLm { vs, cfg: cfg.clone(), embedding, layers, decoder_weight, decoder_bias, fused: false };
         model.flatten_for_cudnn();
         Ok(model)
     }
 
-    /// On CUDA, lays each layer's four tensors out in one buffer as cuDNN wants them, so the
-    /// fused LSTM does not copy its weights on every call.
+    /// On CUDA, lays the LSTM weights out in one buffer per cuDNN call (per layer, or one
+    /// for all layers when fused), so cuDNN does not copy them on every call.
     fn flatten_for_cudnn(&self) {
         if !(self.vs.device().is_cuda() && tch::Cuda::cudnn_is_available()) {
             return;
         }
         let h = self.cfg.hidden_size;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let input = if l == 0 { self.cfg.wordvec_size } else { h };
+        let flatten = |layers: &[Layer], input: i64| {
+            let weights: Vec<&Tensor> = layers.iter().flat_map(|l| [&l.w_ih, &l.w_hh, &l.b_ih, &l.b_hh]).collect();
             let _ = Tensor::internal_cudnn_rnn_flatten_weight(
-                &[&layer.w_ih, &layer.w_hh, &layer.b_ih, &layer.b_hh],
+                &weights,
                 4,
                 input,
                 2, // LSTM
                 h,
                 0,
-                1,
+                layers.len() as i64,
                 false,
                 false,
             );
+        };
+        if self.fused {
+            flatten(&self.layers, self.cfg.wordvec_size);
+        } else {
+            for (l, layer) in self.layers.iter().enumerate() {
+                flatten(std::slice::from_ref(layer), if l == 0 { self.cfg.wordvec_size } else { h });
+            }
         }
+    }
+
+    /// Whether the layers can run as one cuDNN call: CUDA with cuDNN, several layers, and
+    /// no per-layer trick (locked dropout, weight drop) that needs them one by one.
+    pub fn can_fuse(&self) -> bool {
+        self.device().is_cuda()
+            && tch::Cuda::cudnn_is_available()
+            && self.layers.len() > 1
+            && !self.cfg.locked_dropout
+            && self.cfg.weight_drop == 0.0
+    }
+
+    /// Runs the layers as one cuDNN call when `on` and [`LstmLm::can_fuse`]. Returns
+    /// whether they now are.
+    pub fn set_fused(&mut self, on: bool) -> bool {
+        let fused = on && self.can_fuse();
+        if fused != self.fused {
+            self.fused = fused;
+            self.flatten_for_cudnn();
+        }
+        self.fused
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -215,6 +251,29 @@ impl LstmLm {
         };
         let mut h = Tensor::embedding(&emb_w, x, -1, false, false);
         h = self.dropout(&h, cfg.dropout_input(), train);
+        if self.fused {
+            let weights: Vec<&Tensor> = self.layers.iter().flat_map(|l| [&l.w_ih, &l.w_hh, &l.b_ih, &l.b_hh]).collect();
+            let p = if train { cfg.dropout_hidden() } else { 0.0 };
+            let n = self.layers.len() as i64;
+            let (out, hn, cn) = h.lstm(
+                &[&Tensor::cat(&state.h, 0), &Tensor::cat(&state.c, 0)],
+                &weights,
+                true,
+                n,
+                p,
+                train,
+                false,
+                false,
+            );
+            let split = |t: &Tensor| (0..n).map(|l| t.narrow(0, l, 1)).collect();
+            let dropped = self.dropout(&out, cfg.dropout_output(), train);
+            return Forward {
+                logits: dropped.linear(self.decoder_weight(), Some(&self.decoder_bias)),
+                state: State { h: split(&hn), c: split(&cn) },
+                last_raw: out,
+                last_dropped: dropped,
+            };
+        }
         let mut new_h = Vec::with_capacity(self.layers.len());
         let mut new_c = Vec::with_capacity(self.layers.len());
         let mut last_raw = None;

@@ -7,8 +7,8 @@
 //! graph and replayed for every batch ([`Mode::Graph`]); elsewhere it runs as plain calls.
 //! Both paths run the same code, so they compute the same thing.
 
-use crate::config::TrainConfig;
-use crate::cuda_graph::CudaGraph;
+use crate::config::{Precision, TrainConfig};
+use crate::cuda::CudaGraph;
 use crate::model::{LstmLm, State};
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -33,6 +33,8 @@ pub struct TrainStep {
     weight_decay: f64,
     ar_alpha: f64,
     tar_beta: f64,
+    /// Forward pass and loss under bf16 autocast.
+    bf16: bool,
     mode: Mode,
     /// Running means of the weights (averaged SGD) and the number of iterates in them.
     avg: Option<(Vec<Tensor>, Tensor)>,
@@ -41,14 +43,21 @@ pub struct TrainStep {
 }
 
 impl TrainStep {
-    pub fn new(model: LstmLm, cfg: &TrainConfig, use_graph: bool) -> TrainStep {
+    /// Sets up the step for `model`: CUDA graph when `use_graph` (CUDA only), the precision
+    /// and layer fusion of `cfg` (CUDA only; the CPU computes in float32, layer by layer).
+    pub fn new(mut model: LstmLm, cfg: &TrainConfig, use_graph: bool) -> Result<TrainStep> {
         let device = model.device();
+        let cuda = device.is_cuda();
+        model.set_fused(cfg.fused_lstm);
+        if cuda {
+            crate::cuda::set_matmul_tf32(cfg.precision != Precision::Fp32);
+        }
         let kind = model.kind();
         let (b, t) = (cfg.batch_size, cfg.bptt);
         let params = model.parameters();
         let state = model.zero_state(b);
         let mode = if use_graph && device.is_cuda() { Mode::Graph { graph: None, warmed: 0 } } else { Mode::Eager };
-        TrainStep {
+        Ok(TrainStep {
             params,
             x: Tensor::zeros([t, b], (Kind::Int64, device)),
             y: Tensor::zeros([t, b], (Kind::Int64, device)),
@@ -59,11 +68,27 @@ impl TrainStep {
             weight_decay: cfg.weight_decay,
             ar_alpha: cfg.ar_alpha,
             tar_beta: cfg.tar_beta,
+            bf16: cuda && cfg.precision == Precision::Bf16,
             mode,
             avg: None,
             good: None,
             model,
+        })
+    }
+
+    /// "CUDA graph, bf16, fused layers"-style description of how steps run.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.uses_graph() {
+            parts.push("CUDA graph");
         }
+        if self.bf16 {
+            parts.push("bf16 autocast");
+        }
+        if self.model.is_fused() {
+            parts.push("fused LSTM layers");
+        }
+        parts.join(", ")
     }
 
     pub fn uses_graph(&self) -> bool {
@@ -138,16 +163,20 @@ impl TrainStep {
                 let _ = g.zero_();
             }
         }
-        let f = self.model.forward(&self.x, &self.state, true);
-        let loss = LstmLm::loss(&f.logits, &self.y);
+        let (f, loss) = crate::cuda::autocast_bf16(self.bf16, || {
+            let f = self.model.forward(&self.x, &self.state, true);
+            let loss = LstmLm::loss(&f.logits.to_kind(Kind::Float), &self.y);
+            (f, loss)
+        });
         let mut total = loss.shallow_clone();
         if self.ar_alpha > 0.0 {
-            total += f.last_dropped.square().mean(None) * self.ar_alpha;
+            total += f.last_dropped.to_kind(Kind::Float).square().mean(None) * self.ar_alpha;
         }
         if self.tar_beta > 0.0 {
             let t = f.last_raw.size()[0];
             if t > 1 {
-                let d = f.last_raw.narrow(0, 1, t - 1) - f.last_raw.narrow(0, 0, t - 1);
+                let raw = f.last_raw.to_kind(Kind::Float);
+                let d = raw.narrow(0, 1, t - 1) - raw.narrow(0, 0, t - 1);
                 total += d.square().mean(None) * self.tar_beta;
             }
         }

@@ -222,8 +222,8 @@ impl<'a> Session<'a> {
         let valid_b =
             Batches::new(data::truncate(&ptb.valid, cfg.data.valid_tokens), t.eval_batch_size, t.bptt, device)
                 .context("validation data")?;
-        let use_graph = t.cuda_graph && device.is_cuda() && crate::cuda_graph::available();
-        let mut step = TrainStep::new(model, t, use_graph);
+        let use_graph = t.cuda_graph && device.is_cuda() && crate::cuda::available();
+        let mut step = TrainStep::new(model, t, use_graph)?;
         let metrics = MetricsLog::new(run.metrics());
         let mut schedule = LrSchedule { lr: t.lr, factor: t.lr_decay, best: None };
         let mut records = Vec::new();
@@ -293,15 +293,17 @@ impl<'a> Session<'a> {
     fn run(mut self, stop: &AtomicBool) -> Result<Summary> {
         let epochs = self.cfg.train.epochs;
         if self.pos.epoch == 0 && self.pos.batch == 0 {
+            let how = self.step.describe();
             self.reporter.line(&format!(
-                "training {} parameters on {} ({}), {} batches of {}x{} per epoch{}",
+                "training {} parameters on {} ({}), {} batches of {}x{} per epoch{}{}",
                 self.step.model.num_parameters(),
                 device::name(self.device),
                 self.cfg.run.out_dir.display(),
                 self.train_b.len(),
                 self.cfg.train.batch_size,
                 self.cfg.train.bptt,
-                if self.step.uses_graph() { ", CUDA graph" } else { "" }
+                if how.is_empty() { "" } else { ", " },
+                how
             ));
         } else {
             self.reporter.line(&format!(
@@ -344,7 +346,7 @@ impl<'a> Session<'a> {
             self.pos.seconds = 0.0;
         }
         if let Device::Cuda(i) = self.device {
-            crate::cuda_graph::reset_peak(i);
+            crate::cuda::reset_peak(i);
         }
         self.step.snapshot();
         let mut good = (self.pos.loss_sum, self.pos.loss_batches);

@@ -7,33 +7,35 @@ use ptb_lm::model::LstmLm;
 use ptb_lm::step::TrainStep;
 use tch::{Device, Kind, Tensor};
 
-fn better_like() -> Config {
+/// better.toml's model and step, with `extra` overrides.
+fn better_like(extra: &[&str]) -> Config {
+    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     Config::parse(
         "[model]\nwordvec_size = 650\nhidden_size = 650\nnum_layers = 2\ndropout = 0.5\ntie_weights = true\n\
          [train]\nlr = 20.0\nmax_grad = 0.25\nepochs = 1\n",
-        &[],
+        &overrides,
     )
     .unwrap()
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn cuda_and_cudnn_are_available() {
-    assert!(tch::Cuda::is_available(), "CUDA is not available to this binary");
-    assert!(tch::Cuda::cudnn_is_available(), "cuDNN is not available");
-    assert!(ptb_lm::cuda_graph::available(), "built without the CUDA graph shim");
+fn new_step(cfg: &Config, graph: bool) -> TrainStep {
+    tch::manual_seed(7);
+    let model = LstmLm::new(&cfg.model, Device::Cuda(0), Kind::Float).unwrap();
+    let step = TrainStep::new(model, &cfg.train, graph).unwrap();
+    assert_eq!(step.uses_graph(), graph);
+    step
+}
+
+fn batches(cfg: &Config, n: usize) -> Tensor {
+    tch::manual_seed(8);
+    let (t, b) = (cfg.train.bptt, cfg.train.batch_size);
+    Tensor::randint(cfg.model.vocab_size, [n as i64 + 1, t, b], (Kind::Int64, Device::Cuda(0)))
 }
 
 /// Runs `steps` SGD steps on fixed random batches and returns (loss sum, weights).
 fn train_steps(cfg: &Config, graph: bool, steps: usize) -> (f64, Vec<Tensor>) {
-    let device = Device::Cuda(0);
-    tch::manual_seed(7);
-    let model = LstmLm::new(&cfg.model, device, Kind::Float).unwrap();
-    let mut step = TrainStep::new(model, &cfg.train, graph);
-    assert_eq!(step.uses_graph(), graph);
-    tch::manual_seed(8);
-    let (t, b) = (cfg.train.bptt, cfg.train.batch_size);
-    let data = Tensor::randint(cfg.model.vocab_size, [steps as i64 + 1, t, b], (Kind::Int64, device));
+    let mut step = new_step(cfg, graph);
+    let data = batches(cfg, steps);
     for k in 0..steps {
         step.run(&data.get(k as i64), &data.get(k as i64 + 1), 1000 + k as i64).unwrap();
     }
@@ -41,23 +43,75 @@ fn train_steps(cfg: &Config, graph: bool, steps: usize) -> (f64, Vec<Tensor>) {
     (loss, step.model.parameters().iter().map(|p| p.detach().copy()).collect())
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn cuda_graph_step_computes_what_the_plain_step_computes() {
-    let cfg = better_like();
+fn assert_same(cfg: &Config, what: &str) {
     let steps = 12; // 3 warm-up steps, the capture, 9 replays
-    let (loss_eager, w_eager) = train_steps(&cfg, false, steps);
-    let (loss_graph, w_graph) = train_steps(&cfg, true, steps);
+    let (loss_eager, w_eager) = train_steps(cfg, false, steps);
+    let (loss_graph, w_graph) = train_steps(cfg, true, steps);
     let rel = (loss_eager - loss_graph).abs() / loss_eager.abs();
-    assert!(rel < 1e-4, "loss sums differ: plain {loss_eager}, graph {loss_graph}");
+    assert!(rel < 1e-4, "{what}: loss sums differ: plain {loss_eager}, graph {loss_graph}");
     for (a, b) in w_eager.iter().zip(&w_graph) {
         let diff = f64::try_from((a - b).abs().max()).unwrap();
         let scale = f64::try_from(a.abs().max()).unwrap().max(1e-6);
-        assert!(diff / scale < 1e-3, "weights differ by {diff} (scale {scale})");
+        assert!(diff / scale < 1e-3, "{what}: weights differ by {diff} (scale {scale})");
     }
-    // And training did something: the weights moved from their initial values.
-    let (_, w0) = train_steps(&cfg, false, 0);
+    let (_, w0) = train_steps(cfg, false, 0);
     let moved = f64::try_from((&w_eager[0] - &w0[0]).abs().max()).unwrap();
-    assert!(moved > 0.0);
-    println!("plain loss sum {loss_eager:.6}, graph loss sum {loss_graph:.6}");
+    assert!(moved > 0.0, "{what}: training did not move the weights");
+    println!("{what}: plain loss sum {loss_eager:.6}, graph loss sum {loss_graph:.6}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_and_cudnn_are_available() {
+    assert!(tch::Cuda::is_available(), "CUDA is not available to this binary");
+    assert!(tch::Cuda::cudnn_is_available(), "cuDNN is not available");
+    assert!(ptb_lm::cuda::available(), "built without the CUDA shim");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_graph_step_computes_what_the_plain_step_computes() {
+    // Layer by layer, every dropout drawn from libtorch's generator: bit-for-bit the same.
+    assert_same(&better_like(&["train.fused_lstm=false"]), "per-layer");
+    // Fused layers (no dropout between them, which cuDNN would draw itself).
+    let fused = better_like(&["model.dropout_hidden=0.0"]);
+    assert_same(&fused, "fused");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cudnn_dropout_between_fused_layers_changes_every_replay() {
+    // Only the dropout between layers is on, and lr = 0: with the same batch and state, the
+    // loss of each replay differs only by cuDNN's dropout mask.
+    let cfg = better_like(&["model.dropout_input=0.0", "model.dropout_output=0.0", "model.dropout_hidden=0.5"]);
+    let mut step = new_step(&cfg, true);
+    assert!(step.model.is_fused());
+    step.set_lr(0.0);
+    let data = batches(&cfg, 1);
+    let mut losses = Vec::new();
+    for k in 0..10 {
+        step.reset_state();
+        step.reset_loss_sum(0.0);
+        step.run(&data.get(0), &data.get(1), 5).unwrap(); // same seed every time
+        losses.push(step.loss_sum());
+        let _ = k;
+    }
+    let replays = &losses[4..]; // after 3 warm-ups and the capture
+    let mut distinct = replays.to_vec();
+    distinct.sort_by(f64::total_cmp);
+    distinct.dedup();
+    assert_eq!(distinct.len(), replays.len(), "the dropout mask repeats across replays: {replays:?}");
+    println!("losses of identical replays: {replays:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bf16_step_stays_close_to_fp32() {
+    let (loss32, _) = train_steps(&better_like(&["train.precision=\"fp32\""]), true, 12);
+    let (loss16, w16) = train_steps(&better_like(&["train.precision=\"bf16\""]), true, 12);
+    let rel = (loss32 - loss16).abs() / loss32;
+    assert!(rel < 0.02, "bf16 loss sum {loss16} vs fp32 {loss32}");
+    assert!(w16.iter().all(|w| bool::try_from(w.isfinite().all()).unwrap()));
+    assert!(w16.iter().all(|w| w.kind() == Kind::Float), "master weights must stay float32");
+    println!("12 steps: fp32 loss sum {loss32:.5}, bf16 {loss16:.5} ({:.3}% apart)", rel * 100.0);
 }

@@ -1,5 +1,6 @@
-//! CUDA graphs (capture a sequence of libtorch calls once, replay it with one launch) and
-//! CUDA caching-allocator statistics, through the C++ shim in `src/cuda_graph.cpp`.
+//! What libtorch offers for CUDA and tch does not wrap, through the C++ shim in
+//! `src/cuda.cpp`: CUDA graphs (capture a sequence of libtorch calls once, replay it with one
+//! launch), the caching allocator's peak memory, TF32 matmuls and bf16 autocast.
 //!
 //! When libtorch has no CUDA, or no CUDA headers were found at build time, the shim is not
 //! built: [`available`] is false and every constructor returns an error.
@@ -18,6 +19,9 @@ mod ffi {
         pub fn ptb_graph_replay(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn ptb_cuda_peak_allocated(device: i64) -> i64;
         pub fn ptb_cuda_reset_peak(device: i64);
+        pub fn ptb_set_matmul_tf32(on: c_int);
+        pub fn ptb_autocast_bf16_enter() -> c_int;
+        pub fn ptb_autocast_exit(was: c_int);
     }
 }
 
@@ -51,6 +55,36 @@ pub fn reset_peak(device: usize) {
     let _ = device;
 }
 
+/// TF32 tensor cores for float32 matmuls (no effect without the shim).
+pub fn set_matmul_tf32(on: bool) {
+    #[cfg(ptb_cuda_shim)]
+    // SAFETY: plain call; the shim catches C++ exceptions.
+    unsafe {
+        ffi::ptb_set_matmul_tf32(on as i32)
+    };
+    #[cfg(not(ptb_cuda_shim))]
+    let _ = on;
+}
+
+/// Runs `f` with CUDA autocast in bfloat16 when `on` (matmuls and the LSTM in bf16;
+/// float32 elsewhere). Without the shim, `f` runs as it is.
+pub fn autocast_bf16<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    #[cfg(ptb_cuda_shim)]
+    if on {
+        // SAFETY: plain calls; the shim catches C++ exceptions. Exit runs even on panic.
+        struct Exit(i32);
+        impl Drop for Exit {
+            fn drop(&mut self) {
+                unsafe { ffi::ptb_autocast_exit(self.0) }
+            }
+        }
+        let _exit = Exit(unsafe { ffi::ptb_autocast_bf16_enter() });
+        return f();
+    }
+    let _ = on;
+    f()
+}
+
 /// One captured graph with its side stream.
 pub struct CudaGraph {
     #[cfg(ptb_cuda_shim)]
@@ -72,7 +106,7 @@ fn check(rc: i32, err: *mut std::os::raw::c_char, what: &str) -> Result<()> {
         s
     };
     let first = msg.lines().next().unwrap_or_default().to_string();
-    anyhow::bail!("CUDA graph {what}: {first}")
+    anyhow::bail!("CUDA {what}: {first}")
 }
 
 impl CudaGraph {
@@ -82,7 +116,7 @@ impl CudaGraph {
             let mut err = std::ptr::null_mut();
             // SAFETY: the shim returns null and sets err on failure.
             let ptr = unsafe { ffi::ptb_graph_new(device as i64, &mut err) };
-            check(if ptr.is_null() { 1 } else { 0 }, err, "creation")?;
+            check(if ptr.is_null() { 1 } else { 0 }, err, "graph creation")?;
             Ok(CudaGraph { ptr, captured: false })
         }
         #[cfg(not(ptb_cuda_shim))]
@@ -112,7 +146,7 @@ impl CudaGraph {
         {
             let mut err = std::ptr::null_mut();
             // SAFETY: self.ptr is a live graph handle.
-            check(unsafe { ffi::ptb_graph_enter(self.ptr, capture as i32, &mut err) }, err, "capture start")?;
+            check(unsafe { ffi::ptb_graph_enter(self.ptr, capture as i32, &mut err) }, err, "graph capture start")?;
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             let mut err = std::ptr::null_mut();
             // SAFETY: always leave the side stream, even when f panicked.
@@ -125,7 +159,7 @@ impl CudaGraph {
                     .unwrap_or_default();
                 anyhow::anyhow!("CUDA graph capture: {}", msg.lines().next().unwrap_or_default())
             })?;
-            check(rc, err, "capture end")?;
+            check(rc, err, "graph capture end")?;
             Ok(out)
         }
         #[cfg(not(ptb_cuda_shim))]
@@ -145,7 +179,7 @@ impl CudaGraph {
         {
             let mut err = std::ptr::null_mut();
             // SAFETY: self.ptr is a live graph handle.
-            check(unsafe { ffi::ptb_graph_replay(self.ptr, &mut err) }, err, "replay")
+            check(unsafe { ffi::ptb_graph_replay(self.ptr, &mut err) }, err, "graph replay")
         }
         #[cfg(not(ptb_cuda_shim))]
         anyhow::bail!("this ptb-lm was built without CUDA graph support")

@@ -1,10 +1,13 @@
-// C ABI over libtorch's CUDA graph and CUDA caching-allocator statistics, which tch does
-// not wrap. Compiled by build.rs against the same libtorch headers; used by src/cuda_graph.rs.
+// C ABI over what libtorch offers for CUDA and tch does not wrap: CUDA graphs, the CUDA
+// caching allocator's statistics, TF32 matmuls and the autocast dtype. Compiled by build.rs
+// against the same libtorch headers; used by src/cuda.rs.
 //
 // Capture follows torch.cuda.graph(): the work runs on a side stream that first waits for
 // the caller's stream; afterwards the caller's stream waits for the side stream. Every
 // function catches C++ exceptions and returns them as a malloc'ed message.
 
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -112,6 +115,32 @@ int64_t ptb_cuda_peak_allocated(int64_t device) {
 void ptb_cuda_reset_peak(int64_t device) {
   guarded(nullptr, [&] {
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  });
+}
+
+// TF32 tensor cores for float32 matmuls on CUDA (cuDNN already allows them by default).
+void ptb_set_matmul_tf32(int on) {
+  guarded(nullptr, [&] { at::globalContext().setAllowTF32CuBLAS(on != 0); });
+}
+
+// Enter a CUDA autocast region computing in bfloat16; returns whether autocast was on.
+// (tch's own autocast() goes through deprecated libtorch calls that warn at every use.)
+int ptb_autocast_bf16_enter() {
+  int was = 0;
+  guarded(nullptr, [&] {
+    was = at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0;
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::increment_nesting();
+  });
+  return was;
+}
+
+// Leave the region entered by ptb_autocast_bf16_enter (`was`: what it returned).
+void ptb_autocast_exit(int was) {
+  guarded(nullptr, [&] {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCUDA, was != 0);
   });
 }
 
