@@ -112,6 +112,7 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct GenerateArgs {
     /// Checkpoint directory, e.g. runs/better/best
     #[arg(long, value_name = "DIR")]

@@ -321,10 +321,11 @@ impl LstmLm {
         }
     }
 
-    /// Mean cross-entropy of `logits` (T, B, V) against `targets` (T, B).
+    /// Mean cross-entropy of `logits` (T, B, V) against `targets` (T, B), in the logits'
+    /// dtype (tch's `cross_entropy_for_logits` would force float32).
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
         let v = logits.size()[2];
-        logits.view([-1, v]).cross_entropy_for_logits(&targets.view([-1]))
+        logits.view([-1, v]).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
     }
 
     /// Copies checked weights into the model: every parameter must be present with its

@@ -168,16 +168,18 @@ impl TrainStep {
             let loss = LstmLm::loss(&f.logits.to_kind(Kind::Float), &self.y);
             (f, loss)
         });
+        // The regularisers go into what is differentiated, not into the reported loss (so no
+        // in-place `+=` on `loss`).
         let mut total = loss.shallow_clone();
         if self.ar_alpha > 0.0 {
-            total += f.last_dropped.to_kind(Kind::Float).square().mean(None) * self.ar_alpha;
+            total = total + f.last_dropped.to_kind(Kind::Float).square().mean(None) * self.ar_alpha;
         }
         if self.tar_beta > 0.0 {
             let t = f.last_raw.size()[0];
             if t > 1 {
                 let raw = f.last_raw.to_kind(Kind::Float);
                 let d = raw.narrow(0, 1, t - 1) - raw.narrow(0, 0, t - 1);
-                total += d.square().mean(None) * self.tar_beta;
+                total = total + d.square().mean(None) * self.tar_beta;
             }
         }
         total.backward();

@@ -410,13 +410,17 @@ impl<'a> Session<'a> {
         self.pos.nan_restarts += 1;
         let max = self.cfg.train.max_nan_restarts;
         if self.pos.nan_restarts > max || !self.step.restore() {
+            let kept = if self.run.best().exists() {
+                format!("the best weights so far are in {}", self.run.best().display())
+            } else {
+                "no checkpoint was written".to_string()
+            };
             bail!(
                 "training diverged: non-finite loss in epoch {}, batch {} ({} times, train.max_nan_restarts = {max}); \
-                 the last good weights are in {}; try a smaller train.lr or train.max_grad",
+                 {kept}; try a smaller train.lr or train.max_grad",
                 epoch + 1,
                 batch + 1,
                 self.pos.nan_restarts,
-                self.run.best().display()
             );
         }
         self.schedule.lr /= self.cfg.train.lr_decay;
@@ -545,6 +549,13 @@ impl<'a> Session<'a> {
     }
 
     fn finish(self) -> Result<Summary> {
+        if !self.run.best().exists() {
+            bail!(
+                "no epoch reached a finite validation perplexity, so there is no best checkpoint to test \
+                 (see {}); try a smaller train.lr",
+                self.run.metrics().display()
+            );
+        }
         let best = Checkpoint::load(&self.run.best())?;
         let model = best.model(self.device)?;
         let test_b = Batches::new(

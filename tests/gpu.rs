@@ -5,7 +5,14 @@
 use ptb_lm::config::Config;
 use ptb_lm::model::LstmLm;
 use ptb_lm::step::TrainStep;
+use std::sync::{Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
+
+/// libtorch's random generator is global and tests run on parallel threads.
+fn rng_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// better.toml's model and step, with `extra` overrides.
 fn better_like(extra: &[&str]) -> Config {
@@ -63,6 +70,7 @@ fn assert_same(cfg: &Config, what: &str) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_and_cudnn_are_available() {
+    let _rng = rng_lock();
     assert!(tch::Cuda::is_available(), "CUDA is not available to this binary");
     assert!(tch::Cuda::cudnn_is_available(), "cuDNN is not available");
     assert!(ptb_lm::cuda::available(), "built without the CUDA shim");
@@ -71,6 +79,7 @@ fn cuda_and_cudnn_are_available() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_graph_step_computes_what_the_plain_step_computes() {
+    let _rng = rng_lock();
     // Layer by layer, every dropout drawn from libtorch's generator: bit-for-bit the same.
     assert_same(&better_like(&["train.fused_lstm=false"]), "per-layer");
     // Fused layers (no dropout between them, which cuDNN would draw itself).
@@ -81,6 +90,7 @@ fn cuda_graph_step_computes_what_the_plain_step_computes() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cudnn_dropout_between_fused_layers_changes_every_replay() {
+    let _rng = rng_lock();
     // Only the dropout between layers is on, and lr = 0: with the same batch and state, the
     // loss of each replay differs only by cuDNN's dropout mask.
     let cfg = better_like(&["model.dropout_input=0.0", "model.dropout_output=0.0", "model.dropout_hidden=0.5"]);
@@ -107,6 +117,7 @@ fn cudnn_dropout_between_fused_layers_changes_every_replay() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn bf16_step_stays_close_to_fp32() {
+    let _rng = rng_lock();
     let (loss32, _) = train_steps(&better_like(&["train.precision=\"fp32\""]), true, 12);
     let (loss16, w16) = train_steps(&better_like(&["train.precision=\"bf16\""]), true, 12);
     let rel = (loss32 - loss16).abs() / loss32;

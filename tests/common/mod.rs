@@ -1,0 +1,145 @@
+//! Shared test helpers: where the real PTB is, a scratch directory with a tiny config, and
+//! running the `ptb-lm` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The real PTB files: $PTB_DIR, else data/ptb in the repository (`make test` and `.ci/run`
+/// put them there with scripts/download_ptb.sh).
+pub fn ptb_dir() -> PathBuf {
+    let dir = std::env::var_os("PTB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data/ptb"));
+    assert!(
+        dir.join("ptb.train.txt").exists(),
+        "the real PTB is needed at {} (run scripts/download_ptb.sh, or set PTB_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ptb-lm"))
+}
+
+/// `ptb-lm` with one intra-op thread: tests run in parallel, and several libtorch processes
+/// whose OpenMP threads busy-wait on two cores slow each other down many times over.
+pub fn command() -> Command {
+    let mut c = Command::new(bin());
+    c.env("OMP_NUM_THREADS", "1").env_remove("PTB_LM_FAILPOINT_SAVE_PAUSE");
+    c
+}
+
+/// A tiny but real run: a slice of PTB, a small tied 2-layer LSTM, CPU.
+pub fn tiny_config(data: &Path, out: &Path, extra: &str) -> String {
+    format!(
+        r#"[data]
+dir = "{}"
+train_tokens = 20000
+valid_tokens = 6000
+test_tokens = 6000
+
+[model]
+vocab_size = 10000
+wordvec_size = 24
+hidden_size = 24
+num_layers = 2
+dropout = 0.1
+tie_weights = true
+
+[train]
+batch_size = 10
+bptt = 20
+lr = 20.0
+max_grad = 0.25
+epochs = 2
+seed = 3
+{extra}
+[run]
+out_dir = "{}"
+device = "cpu"
+"#,
+        data.display(),
+        out.display()
+    )
+}
+
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        Sandbox { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes `name` with the tiny config (extra lines go into [train]); the run directory
+    /// is `run` inside the sandbox.
+    pub fn config(&self, name: &str, extra_train: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, tiny_config(&ptb_dir(), &self.path("run"), extra_train)).unwrap();
+        path
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run ptb-lm")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = command();
+        c.args(args).current_dir(self.dir.path());
+        c
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The command failed with a one-line `error: ...` as the last line of stderr (after
+/// nothing but `warning: ...` lines), containing every fragment of `expect`.
+pub fn assert_one_line_error(o: &Output, expect: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stdout:\n{}", stdout(o));
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    let (last, before) = lines.split_last().unwrap_or_else(|| panic!("no error message"));
+    assert!(last.starts_with("error: "), "expected a one-line error, got:\n{err}");
+    assert!(before.iter().all(|l| l.starts_with("warning: ")), "expected a one-line error, got:\n{err}");
+    for e in expect {
+        assert!(last.contains(e), "error should mention {e:?}: {err}");
+    }
+}
+
+pub fn assert_success(o: &Output) {
+    assert!(o.status.success(), "ptb-lm failed ({:?}):\n{}\n{}", o.status, stdout(o), stderr(o));
+}
+
+/// Validation perplexities of metrics.jsonl, in epoch order.
+pub fn valid_ppls(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_ppl"].as_f64().unwrap())
+        .collect()
+}
+
+/// Copies the PTB files (and checksums) into `dst`.
+pub fn copy_ptb(dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["ptb.train.txt", "ptb.valid.txt", "ptb.test.txt", "SHA256SUMS"] {
+        let src = ptb_dir().join(f);
+        if src.exists() {
+            let text = std::fs::read(&src).unwrap();
+            std::fs::write(dst.join(f), text).unwrap();
+        }
+    }
+}
