@@ -168,20 +168,15 @@ impl TrainStep {
             let loss = LstmLm::loss(&f.logits.to_kind(Kind::Float), &self.y);
             (f, loss)
         });
-        // The regularisers go into what is differentiated, not into the reported loss (so no
-        // in-place `+=` on `loss`).
-        let mut total = loss.shallow_clone();
-        if self.ar_alpha > 0.0 {
-            total = total + f.last_dropped.to_kind(Kind::Float).square().mean(None) * self.ar_alpha;
-        }
-        if self.tar_beta > 0.0 {
-            let t = f.last_raw.size()[0];
-            if t > 1 {
-                let raw = f.last_raw.to_kind(Kind::Float);
-                let d = raw.narrow(0, 1, t - 1) - raw.narrow(0, 0, t - 1);
-                total = total + d.square().mean(None) * self.tar_beta;
-            }
-        }
+        let t = f.last_raw.size()[0];
+        let ar = (self.ar_alpha > 0.0).then(|| f.last_dropped.to_kind(Kind::Float).square().mean(None) * self.ar_alpha);
+        let tar = (self.tar_beta > 0.0 && t > 1).then(|| {
+            let raw = f.last_raw.to_kind(Kind::Float);
+            (raw.narrow(0, 1, t - 1) - raw.narrow(0, 0, t - 1)).square().mean(None) * self.tar_beta
+        });
+        // The regularisers are differentiated but not reported: summed into a new tensor,
+        // since tch's `loss += r` would change `loss` itself.
+        let total = [ar, tar].into_iter().flatten().fold(loss.shallow_clone(), |sum, r| sum + r);
         total.backward();
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();

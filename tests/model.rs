@@ -24,6 +24,15 @@ fn model_cfg(extra: &[&str]) -> Config {
     .unwrap()
 }
 
+/// Gives every weight values of order `scale` (the book's init makes activations tiny).
+fn randomize(model: &LstmLm, scale: f64) {
+    tch::no_grad(|| {
+        for p in model.parameters() {
+            p.shallow_clone().copy_(&(p.randn_like() * scale));
+        }
+    });
+}
+
 fn ids(t: i64, b: i64, v: i64, seed: i64) -> Tensor {
     tch::manual_seed(seed);
     Tensor::randint(v, [t, b], (Kind::Int64, Device::Cpu))
@@ -41,11 +50,7 @@ fn loss(model: &LstmLm, x: &Tensor, y: &Tensor) -> Tensor {
 fn gradient_check(cfg: &ModelConfig) {
     tch::manual_seed(11);
     let model = LstmLm::new(cfg, Device::Cpu, Kind::Double).unwrap();
-    for p in model.parameters() {
-        tch::no_grad(|| {
-            let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.5));
-        });
-    }
+    randomize(&model, 0.5);
     let (x, y) = (ids(5, 2, cfg.vocab_size, 1), ids(5, 2, cfg.vocab_size, 2));
     loss(&model, &x, &y).backward();
     let eps = 1e-6;
@@ -159,12 +164,7 @@ fn weight_drop_touches_only_hidden_to_hidden_weights() {
     let cfg = model_cfg(&["model.weight_drop=0.9", "model.num_layers=1"]);
     tch::manual_seed(9);
     let model = LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap();
-    // Weights of order one, so every term shows (the book's init makes activations tiny).
-    for p in model.parameters() {
-        tch::no_grad(|| {
-            let _ = p.shallow_clone().copy_(&p.randn_like());
-        });
-    }
+    randomize(&model, 1.0);
     let before: Vec<Tensor> = model.parameters().iter().map(|p| p.detach().copy()).collect();
     let x = ids(4, 2, 12, 1);
     let state = model.zero_state(2);
@@ -213,11 +213,7 @@ fn averaged_sgd_weights_are_the_mean_of_the_iterates() {
 fn seeded_model(cfg: &ModelConfig) -> LstmLm {
     tch::manual_seed(4);
     let model = LstmLm::new(cfg, Device::Cpu, Kind::Float).unwrap();
-    for p in model.parameters() {
-        tch::no_grad(|| {
-            let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.5));
-        });
-    }
+    randomize(&model, 0.5);
     model
 }
 
@@ -238,7 +234,7 @@ fn weight_decay_shrinks_weights_by_lr_times_decay() {
     let (_, decayed) = one_step(&["train.weight_decay=0.01"]);
     // p' = p (1 - lr wd) - lr g: the difference is -lr * wd * p.
     for ((a, b), p0) in decayed.iter().zip(&plain).zip(&start) {
-        let expect = p0 * (-1.0 * 0.01);
+        let expect = p0 * -0.01; // -lr * wd * p with lr 1
         assert!((a - b).allclose(&expect, 1e-5, 1e-6, false));
     }
 }
