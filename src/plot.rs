@@ -1,5 +1,6 @@
-//! The train/validation perplexity curve as a PNG, like the book's `trainer.plot()`.
-//! Text uses a font compiled into the binary, so no system fonts are needed.
+//! Line charts as PNG files: the train/validation perplexity curve of a run, like the book's
+//! `trainer.plot()`, and any other curves (the sine example's). Text uses a font compiled
+//! into the binary, so no system fonts are needed.
 
 use crate::metrics::EpochRecord;
 use anyhow::{anyhow, Result};
@@ -9,6 +10,24 @@ use std::sync::Once;
 
 const FONT: &str = "sans-serif";
 
+/// Colours of successive series (matplotlib's first three).
+pub const COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44)];
+
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub points: Vec<(f64, f64)>,
+    /// Draw a dot at each point (for few points, e.g. one per epoch).
+    pub markers: bool,
+}
+
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+    /// Label the x axis with whole numbers only (epochs).
+    pub integer_x: bool,
+}
+
 fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -16,54 +35,73 @@ fn register_font() {
     });
 }
 
-/// Writes `path` (through a temporary file, so a reader never sees half a PNG).
-pub fn perplexity_png(records: &[EpochRecord], path: &Path, title: &str) -> Result<()> {
-    if records.is_empty() {
-        return Ok(());
-    }
+/// Writes `path` (through a temporary file, so a reader never sees half a PNG). Non-finite
+/// points are left out.
+pub fn line_chart_png(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     register_font();
     let tmp = path.with_extension("partial.png");
-    draw(records, &tmp, title).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
+    draw(&tmp, chart, series).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
-fn draw(records: &[EpochRecord], path: &Path, title: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// The train and validation perplexity of each epoch.
+pub fn perplexity_png(records: &[EpochRecord], path: &Path, title: &str) -> Result<()> {
+    let points = |f: fn(&EpochRecord) -> f64| records.iter().map(|r| (r.epoch as f64, f(r))).collect();
+    line_chart_png(
+        path,
+        &Chart { title, x_desc: "epoch", y_desc: "perplexity", integer_x: true },
+        &[
+            Series { name: "train", points: points(|r| r.train_ppl), markers: true },
+            Series { name: "valid", points: points(|r| r.valid_ppl), markers: true },
+        ],
+    )
+}
+
+fn draw(path: &Path, c: &Chart, series: &[Series]) -> Result<(), Box<dyn std::error::Error>> {
+    let finite: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    if finite.is_empty() {
+        return Err("nothing to plot".into());
+    }
+    let fold = |f: fn(&(f64, f64)) -> f64| {
+        finite.iter().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
+    };
+    let (x0, mut x1) = fold(|p| p.0);
+    let (y0, y1) = fold(|p| p.1);
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(y1.abs() * 0.01).max(1e-9);
     let area = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     area.fill(&WHITE)?;
-    let values = records.iter().flat_map(|r| [r.train_ppl, r.valid_ppl]).filter(|v| v.is_finite());
-    let (lo, hi) = values.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (lo, hi) = if lo.is_finite() { (lo * 0.9, hi * 1.1) } else { (1.0, 10.0) };
-    let first = records.first().map_or(1, |r| r.epoch) as i32;
-    let last = (records.last().map_or(1, |r| r.epoch) as i32).max(first + 1);
     let mut chart = ChartBuilder::on(&area)
-        .caption(title, (FONT, 24))
+        .caption(c.title, (FONT, 24))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(first..last, lo..hi)?;
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+    let x_labels = if c.integer_x { ((x1 - x0) as usize + 1).min(20) } else { 10 };
+    let integer_x = c.integer_x;
     chart
         .configure_mesh()
-        .x_desc("epoch")
-        .y_desc("perplexity")
+        .x_desc(c.x_desc)
+        .y_desc(c.y_desc)
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
-        .x_labels(((last - first) as usize + 1).min(20))
+        .x_labels(x_labels)
         .y_labels(12)
-        .x_label_formatter(&|x| format!("{x}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
+        .x_label_formatter(&|x| if integer_x { format!("{x:.0}") } else { format!("{x}") })
         .draw()?;
-    let series = [("train", RGBColor(31, 119, 180), true), ("valid", RGBColor(214, 39, 40), false)];
-    for (name, color, is_train) in series {
-        let pts: Vec<(i32, f64)> = records
-            .iter()
-            .map(|r| (r.epoch as i32, if is_train { r.train_ppl } else { r.valid_ppl }))
-            .filter(|(_, v)| v.is_finite())
-            .collect();
+    for (s, color) in series.iter().zip(COLORS.iter().cycle()) {
+        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        let color = *color;
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-            .label(name)
+            .label(s.name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        if s.markers {
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
     }
     chart
         .configure_series_labels()

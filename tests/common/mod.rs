@@ -16,7 +16,8 @@ pub fn ptb_dir() -> PathBuf {
         "the real PTB is needed at {} (run scripts/download_ptb.sh, or set PTB_DIR)",
         dir.display()
     );
-    dir
+    // Absolute: the tests' ptb-lm processes run in scratch directories.
+    dir.canonicalize().unwrap()
 }
 
 pub fn bin() -> PathBuf {
