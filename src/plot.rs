@@ -39,6 +39,9 @@ fn register_font() {
 /// points are left out.
 pub fn line_chart_png(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     register_font();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+    }
     let tmp = path.with_extension("partial.png");
     draw(&tmp, chart, series).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
