@@ -2,27 +2,21 @@
 //! machine with `cargo test --release --test gpu -- --ignored` (or the built test binary
 //! with `--ignored`). Each one fails, rather than passes, when CUDA is missing.
 
+mod common;
+
+use common::{config_with, rng_lock};
 use ptb_lm::config::Config;
 use ptb_lm::model::LstmLm;
 use ptb_lm::step::TrainStep;
-use std::sync::{Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
-
-/// libtorch's random generator is global and tests run on parallel threads.
-fn rng_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// better.toml's model and step, with `extra` overrides.
 fn better_like(extra: &[&str]) -> Config {
-    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    Config::parse(
+    config_with(
         "[model]\nwordvec_size = 650\nhidden_size = 650\nnum_layers = 2\ndropout = 0.5\ntie_weights = true\n\
          [train]\nlr = 20.0\nmax_grad = 0.25\nepochs = 1\n",
-        &overrides,
+        extra,
     )
-    .unwrap()
 }
 
 fn new_step(cfg: &Config, graph: bool) -> TrainStep {

@@ -1,27 +1,20 @@
 //! The model's mathematics: gradients against finite differences, weight tying, and each
 //! regularisation option doing exactly what it claims.
 
+mod common;
+
+use common::{config_with, rng_lock};
 use ptb_lm::config::{Config, ModelConfig};
 use ptb_lm::model::{embedding_dropout, locked_dropout, LstmLm};
 use ptb_lm::step::TrainStep;
-use std::sync::{Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
 
-/// libtorch's random generator is global and tests run on parallel threads: every test that
-/// seeds it holds this lock.
-fn rng_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn model_cfg(extra: &[&str]) -> Config {
-    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    Config::parse(
+    config_with(
         "[model]\nvocab_size = 12\nwordvec_size = 4\nhidden_size = 4\nnum_layers = 2\ntie_weights = true\n\
          [train]\nlr = 1.0\nepochs = 1\nbatch_size = 2\nbptt = 5\nmax_grad = 0.0\ncuda_graph = false\n",
-        &overrides,
+        extra,
     )
-    .unwrap()
 }
 
 /// Gives every weight values of order `scale` (the book's init makes activations tiny).

@@ -2,8 +2,10 @@
 //! running the `ptb-lm` binary.
 #![allow(dead_code)]
 
+use ptb_lm::config::Config;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
 
 /// The real PTB files: $PTB_DIR, else data/ptb in the repository (`make test` and `.ci/run`
 /// put them there with scripts/download_ptb.sh).
@@ -143,4 +145,17 @@ pub fn copy_ptb(dst: &Path) {
             std::fs::write(dst.join(f), text).unwrap();
         }
     }
+}
+
+/// libtorch's random generator is global and tests run on parallel threads: every test that
+/// seeds it holds this lock.
+pub fn rng_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A config from TOML text with `--set`-style overrides (`table.key=value`).
+pub fn config_with(toml: &str, overrides: &[&str]) -> Config {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Config::parse(toml, &overrides).unwrap()
 }
