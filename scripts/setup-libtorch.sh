@@ -14,7 +14,7 @@ set -euo pipefail
 
 TORCH_VERSION=2.11.0
 # Headers only (~170 kB): the CUDA wheel torch pulls in lacks crt/*.h, which the CUDA-graph
-# shim (src/cuda_graph.cpp) needs to compile against libtorch's CUDA headers.
+# shim (src/cuda.cpp) needs to compile against libtorch's CUDA headers.
 CUDA_CRT="nvidia-cuda-crt==13.0.*"
 root=$(cd "$(dirname "$0")/.." && pwd)
 log() { printf 'setup-libtorch: %s\n' "$*" >&2; }
