@@ -1,15 +1,16 @@
 //! Perplexity: the book's `eval_perplexity` (state reset, then the corpus in
-//! `eval_batch_size` parallel streams of `bptt` steps, exp of the mean batch loss), and the
-//! `ptb-lm eval` command.
+//! `eval_batch_size` parallel streams of `bptt` steps, exp of the mean batch loss), used for
+//! the PTB splits; every token of a user's text file, in one stream; and the `ptb-lm eval`
+//! command.
 
 use crate::checkpoint::Checkpoint;
 use crate::data::{self, Batches, Ptb};
 use crate::device;
 use crate::model::LstmLm;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Perplexity of `model` over `batches`, from a zero state, without dropout or gradients.
 /// Synchronises with the device once, at the end.
@@ -24,6 +25,30 @@ pub fn perplexity(model: &LstmLm, batches: &Batches) -> f64 {
             state = f.state;
         }
         (f64::try_from(&sum).unwrap_or(f64::NAN) / batches.len() as f64).exp()
+    })
+}
+
+/// Perplexity of every token of `corpus` but the first, read as one stream from a zero state
+/// in chunks of `bptt` (the last one shorter): exp of the mean loss per token. Unlike the
+/// book's batching nothing is dropped, so a text of any length can be scored.
+pub fn perplexity_of_stream(model: &LstmLm, corpus: &[i64], bptt: i64, device: Device) -> f64 {
+    let n = corpus.len() as i64 - 1;
+    if n < 1 {
+        return f64::NAN;
+    }
+    tch::no_grad(|| {
+        let ids = Tensor::from_slice(corpus).to_device(device).view([-1, 1]);
+        let mut state = model.zero_state(1);
+        let mut sum = Tensor::zeros([], (Kind::Double, device));
+        let mut start = 0;
+        while start < n {
+            let len = bptt.min(n - start);
+            let f = model.forward(&ids.narrow(0, start, len), &state, false);
+            sum += LstmLm::loss(&f.logits, &ids.narrow(0, start + 1, len)).to_kind(Kind::Double) * len as f64;
+            state = f.state;
+            start += len;
+        }
+        (f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64).exp()
     })
 }
 
@@ -72,17 +97,22 @@ pub fn run(
         }
         Target::File { path, allow_unk } => {
             let text = data::read_text(path)?;
-            (path.display().to_string(), vocab.encode(&text, path, *allow_unk)?)
+            let ids = vocab.encode(&text, path, *allow_unk)?;
+            if ids.len() < 2 {
+                bail!("{}: no words to score", path.display());
+            }
+            (path.display().to_string(), ids)
         }
     };
     let model = ckpt.model(device)?;
-    let batches = Batches::new(&corpus, batch_size.unwrap_or(cfg.train.eval_batch_size), cfg.train.bptt, device)?;
     let start = Instant::now();
-    let ppl = perplexity(&model, &batches);
-    Ok(EvalReport {
-        name,
-        ppl,
-        tokens: batches.len() as i64 * batches.tokens_per_batch(),
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    let (ppl, tokens) = match target {
+        Target::Split(_) => {
+            let batches =
+                Batches::new(&corpus, batch_size.unwrap_or(cfg.train.eval_batch_size), cfg.train.bptt, device)?;
+            (perplexity(&model, &batches), batches.len() as i64 * batches.tokens_per_batch())
+        }
+        Target::File { .. } => (perplexity_of_stream(&model, &corpus, cfg.train.bptt, device), corpus.len() as i64 - 1),
+    };
+    Ok(EvalReport { name, ppl, tokens, seconds: start.elapsed().as_secs_f64() })
 }

@@ -106,8 +106,9 @@ struct EvalArgs {
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// Evaluation batch size (default: the checkpoint's train.eval_batch_size)
-    #[arg(long)]
+    /// Evaluation batch size for a PTB split (default: the checkpoint's train.eval_batch_size;
+    /// a --file is scored whole, in one stream)
+    #[arg(long, conflicts_with = "file")]
     batch_size: Option<i64>,
 }
 

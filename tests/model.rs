@@ -5,6 +5,8 @@ mod common;
 
 use common::{config_with, rng_lock};
 use ptb_lm::config::{Config, ModelConfig};
+use ptb_lm::data::Batches;
+use ptb_lm::eval::{perplexity, perplexity_of_stream};
 use ptb_lm::model::{embedding_dropout, locked_dropout, LstmLm};
 use ptb_lm::step::TrainStep;
 use tch::{Device, Kind, Tensor};
@@ -243,4 +245,25 @@ fn activation_regularisers_change_the_update_but_not_the_reported_loss() {
         assert!((loss0 - loss1).abs() / loss0 < 1e-5, "{key}: reported {loss1}, cross-entropy alone {loss0}");
         assert!(w0.iter().zip(&w1).any(|(a, b)| !a.allclose(b, 1e-7, 1e-7, false)), "{key} had no effect");
     }
+}
+
+#[test]
+fn a_text_scored_in_chunks_equals_one_pass_over_it() {
+    let _rng = rng_lock();
+    let cfg = model_cfg(&["model.dropout=0.3"]);
+    tch::manual_seed(11);
+    let model = LstmLm::new(&cfg.model, Device::Cpu, Kind::Double).unwrap();
+    randomize(&model, 0.5);
+    let corpus: Vec<i64> = (0..24).map(|i| (i * 7 + i / 3) % 12).collect();
+    // One forward over all 23 predictions from a zero state, no dropout.
+    let ids = Tensor::from_slice(&corpus).view([-1, 1]);
+    let f = model.forward(&ids.narrow(0, 0, 23), &model.zero_state(1), false);
+    let whole = f64::try_from(LstmLm::loss(&f.logits, &ids.narrow(0, 1, 23))).unwrap().exp();
+    // Chunks of 5 (the last one of 3) carry the state across.
+    let chunked = perplexity_of_stream(&model, &corpus, 5, Device::Cpu);
+    assert!((chunked - whole).abs() / whole < 1e-12, "{chunked} vs {whole}");
+    // And, where the book's batching drops nothing (batch 1, 20 = 4 x 5 predictions), it agrees.
+    let book = perplexity(&model, &Batches::new(&corpus[..21], 1, 5, Device::Cpu).unwrap());
+    let stream = perplexity_of_stream(&model, &corpus[..21], 5, Device::Cpu);
+    assert!((book - stream).abs() / book < 1e-12, "{book} vs {stream}");
 }

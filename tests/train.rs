@@ -52,6 +52,19 @@ fn perplexity_falls_far_below_the_untrained_model_and_reloads_exactly() {
     assert!(test_ppl.is_finite() && test_ppl < untrained / 5.0);
     let o = s.run(&["eval", "--checkpoint", "run/best", "--device", "cpu"]);
     assert!(stdout(&o).starts_with("test perplexity: "), "{}", stdout(&o));
+
+    // A user's text of any length is scored whole: one sentence is 3 predicted tokens
+    // (company, said, <eos>), and the trained model finds it likelier than uniform.
+    std::fs::write(s.path("one.txt"), "the company said\n").unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--file", "one.txt", "--device", "cpu"]);
+    assert_success(&o);
+    let out = stdout(&o);
+    assert!(out.starts_with("one.txt perplexity: ") && out.contains("(3 tokens"), "{out}");
+    let ppl: f64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(ppl.is_finite() && ppl < 10_000.0, "{out}");
+    std::fs::write(s.path("empty.txt"), "\n").unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--file", "empty.txt", "--device", "cpu"]);
+    assert_one_line_error(&o, &["empty.txt: no words to score"]);
 }
 
 #[test]
