@@ -111,6 +111,13 @@ pub fn read_meta(dir: &Path) -> Result<Meta> {
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join("best").join(META).is_file() {
+                bail!(
+                    "{}: a run directory, not a checkpoint: use {} (or its last/)",
+                    dir.display(),
+                    dir.join("best").display()
+                )
+            }
             bail!("{}: not a ptb-lm checkpoint (no {META})", dir.display())
         }
         Err(e) => bail!("{}: {e}", path.display()),

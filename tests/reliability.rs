@@ -259,6 +259,9 @@ fn broken_checkpoints_are_refused_by_name() {
     std::fs::write(d.join("checkpoint.json"), r#"{"format": 99}"#).unwrap();
     assert_one_line_error(&eval("json"), &["checkpoint format 99 is not the one this ptb-lm reads (1)"]);
 
+    // A run directory given where a checkpoint is wanted.
+    assert_one_line_error(&eval("run"), &["run: a run directory, not a checkpoint: use run/best"]);
+
     // Resuming from a directory that holds no run.
     assert_one_line_error(&s.run(&["train", "--resume", "empty"]), &["empty: no resumable checkpoint (last/)"]);
     // And a --file with a word the model has never seen.
