@@ -97,6 +97,18 @@ pub struct ModelConfig {
     pub weight_drop: f64,
 }
 
+impl TrainConfig {
+    /// What a non-finite loss divides lr by: lr_decay, or the book's 4 for a run whose lr
+    /// never decays (lr_decay = 1, as under averaged SGD), so a retry is not the same step.
+    pub fn nan_lr_divisor(&self) -> f64 {
+        if self.lr_decay > 1.0 {
+            self.lr_decay
+        } else {
+            4.0
+        }
+    }
+}
+
 impl ModelConfig {
     pub fn dropout_input(&self) -> f64 {
         self.dropout_input.unwrap_or(self.dropout)
@@ -157,7 +169,7 @@ pub struct TrainConfig {
     #[serde(default = "default_nonmono")]
     pub asgd_nonmono: usize,
     /// Give up after this many non-finite losses (each one restores the last good weights
-    /// and divides lr by lr_decay).
+    /// and divides lr by lr_decay, or by 4 where lr_decay is 1).
     #[serde(default = "default_max_nan_restarts")]
     pub max_nan_restarts: usize,
     /// Capture the whole training step in a CUDA graph (CUDA only; falls back to plain
@@ -393,6 +405,14 @@ mod tests {
     use super::*;
 
     const MIN: &str = "[model]\nwordvec_size = 8\nhidden_size = 8\n[train]\nlr = 1.0\nepochs = 1\n";
+
+    #[test]
+    fn a_non_finite_loss_always_lowers_lr() {
+        let lr_decay = |v: &str| Config::parse(MIN, &[format!("train.lr_decay={v}")]).unwrap().train;
+        assert_eq!(lr_decay("4.0").nan_lr_divisor(), 4.0);
+        assert_eq!(lr_decay("2.0").nan_lr_divisor(), 2.0);
+        assert_eq!(lr_decay("1.0").nan_lr_divisor(), 4.0);
+    }
 
     #[test]
     fn defaults_follow_the_book() {

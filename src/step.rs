@@ -21,6 +21,14 @@ pub enum Mode {
     Graph { graph: Option<CudaGraph>, warmed: usize },
 }
 
+/// Known-good copies of everything a step changes.
+struct Snapshot {
+    weights: Vec<Tensor>,
+    state: State,
+    /// The averaged-SGD means and count, when averaging.
+    avg: Option<(Vec<Tensor>, Tensor)>,
+}
+
 pub struct TrainStep {
     pub model: LstmLm,
     params: Vec<Tensor>,
@@ -38,8 +46,8 @@ pub struct TrainStep {
     mode: Mode,
     /// Running means of the weights (averaged SGD) and the number of iterates in them.
     avg: Option<(Vec<Tensor>, Tensor)>,
-    /// Last known-good weights and state (see [`TrainStep::snapshot`]).
-    good: Option<(Vec<Tensor>, State)>,
+    /// Last known-good copies (see [`TrainStep::snapshot`]).
+    good: Option<Snapshot>,
 }
 
 impl TrainStep {
@@ -225,32 +233,39 @@ impl TrainStep {
         tch::no_grad(|| self.state.zero_());
     }
 
-    /// Remembers the current weights and state as good (for recovery from a non-finite loss).
+    /// Remembers the current weights, state and averaged-SGD means as good (for recovery
+    /// from a non-finite loss).
     pub fn snapshot(&mut self) {
         tch::no_grad(|| match &mut self.good {
-            Some((w, s)) => {
-                for (dst, src) in w.iter_mut().zip(&self.params) {
-                    dst.copy_(src);
+            Some(g) if g.avg.is_some() == self.avg.is_some() => {
+                copy_into(&g.weights, &self.params);
+                g.state.copy_from(&self.state);
+                if let (Some((gm, gc)), Some((m, c))) = (&g.avg, &self.avg) {
+                    copy_into(gm, m);
+                    gc.shallow_clone().copy_(c);
                 }
-                s.copy_from(&self.state);
             }
-            None => {
-                let w = self.params.iter().map(|p| p.detach().copy()).collect();
-                let s = self.state.detach();
-                let s = State { h: s.h.iter().map(Tensor::copy).collect(), c: s.c.iter().map(Tensor::copy).collect() };
-                self.good = Some((w, s));
+            _ => {
+                let state = self.state.detach();
+                self.good = Some(Snapshot {
+                    weights: copies(&self.params),
+                    state: State { h: copies(&state.h), c: copies(&state.c) },
+                    avg: self.avg.as_ref().map(|(m, c)| (copies(m), c.copy())),
+                });
             }
         });
     }
 
     /// Puts the last snapshot back; false when there is none.
     pub fn restore(&mut self) -> bool {
-        let Some((w, s)) = &self.good else { return false };
+        let Some(g) = &self.good else { return false };
         tch::no_grad(|| {
-            for (dst, src) in self.params.iter().zip(w) {
-                dst.shallow_clone().copy_(src);
+            copy_into(&self.params, &g.weights);
+            self.state.copy_from(&g.state);
+            if let (Some((gm, gc)), Some((m, c))) = (&g.avg, &self.avg) {
+                copy_into(m, gm);
+                c.shallow_clone().copy_(gc);
             }
-            self.state.copy_from(s);
         });
         true
     }
@@ -311,6 +326,17 @@ impl TrainStep {
             }
         });
         out
+    }
+}
+
+fn copies(ts: &[Tensor]) -> Vec<Tensor> {
+    ts.iter().map(|t| t.detach().copy()).collect()
+}
+
+/// Copies `src` into `dst` in place (the tensors a CUDA graph reads keep their memory).
+fn copy_into(dst: &[Tensor], src: &[Tensor]) {
+    for (d, s) in dst.iter().zip(src) {
+        d.shallow_clone().copy_(s);
     }
 }
 

@@ -190,7 +190,7 @@ fn load_corpus(cfg: &Config) -> Result<Ptb> {
     Ok(ptb)
 }
 
-struct Session<'a> {
+struct Session {
     cfg: Config,
     ptb: Ptb,
     device: Device,
@@ -203,19 +203,18 @@ struct Session<'a> {
     train_b: Batches,
     valid_b: Batches,
     pos: Resume,
-    _opts: &'a TrainOptions,
 }
 
-impl<'a> Session<'a> {
+impl Session {
     fn new(
         cfg: Config,
         ptb: Ptb,
         model: LstmLm,
         device: Device,
         run: RunDir,
-        opts: &'a TrainOptions,
+        opts: &TrainOptions,
         resumed: Option<Checkpoint>,
-    ) -> Result<Session<'a>> {
+    ) -> Result<Session> {
         let t = &cfg.train;
         let train_b = Batches::new(data::truncate(&ptb.train, cfg.data.train_tokens), t.batch_size, t.bptt, device)
             .context("training data")?;
@@ -286,7 +285,6 @@ impl<'a> Session<'a> {
             train_b,
             valid_b,
             pos,
-            _opts: opts,
         })
     }
 
@@ -423,13 +421,14 @@ impl<'a> Session<'a> {
                 self.pos.nan_restarts,
             );
         }
-        self.schedule.lr /= self.cfg.train.lr_decay;
+        let divisor = self.cfg.train.nan_lr_divisor();
+        self.schedule.lr /= divisor;
         self.step.set_lr(self.schedule.lr);
         self.reporter.warn(&format!(
             "non-finite loss in epoch {}, batch {}: restored the weights of the last check and divided lr by {} (now {}); {} of {max} restarts used",
             epoch + 1,
             batch + 1,
-            self.cfg.train.lr_decay,
+            divisor,
             self.schedule.lr,
             self.pos.nan_restarts
         ));

@@ -204,6 +204,31 @@ fn averaged_sgd_weights_are_the_mean_of_the_iterates() {
     assert!(step.model.parameters()[0].equal(&trained[0]));
 }
 
+#[test]
+fn a_restore_after_a_non_finite_step_also_restores_the_averages() {
+    let _rng = rng_lock();
+    let cfg = model_cfg(&["train.max_grad=0"]);
+    tch::manual_seed(2);
+    let model = LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap();
+    let mut step = TrainStep::new(model, &cfg.train, false).unwrap();
+    step.start_averaging(None);
+    step.run(&ids(5, 2, 12, 1), &ids(5, 2, 12, 2), 1).unwrap();
+    step.snapshot();
+    let good: Vec<Tensor> = step.averaged_named().unwrap().iter().map(|(_, t)| t.copy()).collect();
+    // An infinite learning rate: the weights, and with them the running means, go non-finite.
+    step.set_lr(f64::INFINITY);
+    step.run(&ids(5, 2, 12, 3), &ids(5, 2, 12, 4), 2).unwrap();
+    let poisoned = step.averaged_named().unwrap();
+    assert!(poisoned.iter().any(|(_, t)| !bool::try_from(t.isfinite().all()).unwrap()));
+    assert!(!step.weights_finite());
+    assert!(step.restore());
+    assert!(step.weights_finite());
+    assert_eq!(step.averaged_count(), 2);
+    for ((name, a), g) in step.averaged_named().unwrap().iter().zip(&good) {
+        assert!(a.equal(g), "{name}: the running mean was not restored");
+    }
+}
+
 /// The same model every time, with weights of order one so every term is visible.
 fn seeded_model(cfg: &ModelConfig) -> LstmLm {
     tch::manual_seed(4);
