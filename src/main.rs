@@ -146,6 +146,12 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader goes away, as
+    // command-line tools do, rather than panic on a broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -114,3 +114,18 @@ fn the_perplexity_plot_is_a_whole_png() {
     assert!(png.len() > 10_000, "suspiciously small plot ({} bytes)", png.len());
     assert!(!trained().join("perplexity.partial.png").exists());
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::ExitStatusExt;
+    // A pipe whose reader is gone before ptb-lm writes a byte (like `ptb-lm ... | head -0`).
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: fds[1] is a fresh descriptor owned by nothing else.
+    let writer = unsafe { std::process::Stdio::from_raw_fd(fds[1]) };
+    let o = command().arg("info").stdout(writer).output().unwrap();
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{:?}", o.status);
+}
