@@ -172,14 +172,20 @@ fn weight_drop_touches_only_hidden_to_hidden_weights() {
     }
 }
 
-#[test]
-fn averaged_sgd_weights_are_the_mean_of_the_iterates() {
-    let _rng = rng_lock();
-    let cfg = model_cfg(&["model.dropout=0.2"]);
+/// A seeded tiny model's step with averaged SGD switched on from its first weights.
+fn averaging_step(extra: &[&str]) -> TrainStep {
+    let cfg = model_cfg(extra);
     tch::manual_seed(2);
     let model = LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap();
     let mut step = TrainStep::new(model, &cfg.train, false).unwrap();
     step.start_averaging(None);
+    step
+}
+
+#[test]
+fn averaged_sgd_weights_are_the_mean_of_the_iterates() {
+    let _rng = rng_lock();
+    let mut step = averaging_step(&["model.dropout=0.2"]);
     let snapshot = |s: &TrainStep| -> Vec<Tensor> { s.model.parameters().iter().map(|p| p.detach().copy()).collect() };
     let mut iterates = vec![snapshot(&step)];
     for k in 0..6 {
@@ -207,11 +213,7 @@ fn averaged_sgd_weights_are_the_mean_of_the_iterates() {
 #[test]
 fn a_restore_after_a_non_finite_step_also_restores_the_averages() {
     let _rng = rng_lock();
-    let cfg = model_cfg(&["train.max_grad=0"]);
-    tch::manual_seed(2);
-    let model = LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap();
-    let mut step = TrainStep::new(model, &cfg.train, false).unwrap();
-    step.start_averaging(None);
+    let mut step = averaging_step(&["train.max_grad=0"]);
     step.run(&ids(5, 2, 12, 1), &ids(5, 2, 12, 2), 1).unwrap();
     step.snapshot();
     let good: Vec<Tensor> = step.averaged_named().unwrap().iter().map(|(_, t)| t.copy()).collect();
