@@ -20,6 +20,12 @@ pub struct RunDir {
     pub root: PathBuf,
 }
 
+/// An exclusive lock on a run directory, held by the process training there and released
+/// when dropped (or when the process ends, however it ends).
+pub struct RunLock {
+    _file: fs::File,
+}
+
 /// Files and directories ptb-lm writes into a run directory (and --overwrite removes).
 const OWNED: [&str; 7] =
     ["best", "last", "metrics.jsonl", "perplexity.png", "summary.json", "config.toml", ".best.tmp"];
@@ -42,6 +48,33 @@ impl RunDir {
     }
     pub fn summary(&self) -> PathBuf {
         self.root.join("summary.json")
+    }
+
+    /// Takes the directory's lock (`.lock`, flock(2)), creating the directory if needed, so
+    /// two processes never train, overwrite or resume in the same run at once.
+    pub fn lock(&self) -> Result<RunLock> {
+        use std::os::fd::AsRawFd;
+        fs::create_dir_all(&self.root).with_context(|| format!("{}: cannot create", self.root.display()))?;
+        let path = self.root.join(".lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                bail!(
+                    "{}: another ptb-lm process is training in this run directory; wait for it to \
+                     finish (or stop it with Ctrl-C), or choose another --out-dir",
+                    self.root.display()
+                );
+            }
+            return Err(err).with_context(|| format!("{}: cannot lock", path.display()));
+        }
+        Ok(RunLock { _file: file })
     }
 
     fn holds_run(&self) -> bool {

@@ -116,6 +116,7 @@ pub fn train(cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Summ
     let device = device::resolve(cfg.run.device)?;
     let run = RunDir::new(&cfg.run.out_dir);
     let ptb = load_corpus(&cfg)?;
+    let _lock = run.lock()?;
     run.prepare_fresh(&cfg, opts.overwrite)?;
     tch::manual_seed(cfg.train.seed as i64);
     let model = LstmLm::new(&cfg.model, device, Kind::Float)?;
@@ -133,6 +134,7 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
             run_dir.display()
         );
     }
+    let _lock = run.lock()?;
     let ckpt = Checkpoint::load(&last)?;
     let Some(position) = ckpt.meta.resume.clone() else {
         bail!("{}: this checkpoint is not resumable (no training position)", last.display());

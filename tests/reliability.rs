@@ -269,3 +269,27 @@ fn broken_checkpoints_are_refused_by_name() {
     let o = s.run(&["eval", "--checkpoint", "run/best", "--file", "text.txt", "--device", "cpu"]);
     assert_one_line_error(&o, &["text.txt line 2: word 'zyxwv' is not in the training vocabulary"]);
 }
+
+#[test]
+fn a_run_directory_is_trained_by_one_process_at_a_time() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let cfg = cfg.to_str().unwrap();
+    let mut child = s
+        .command(&["train", "--config", cfg, "--epochs", "100"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    wait_for_line(&mut out, "epoch   1 |");
+    let busy = "run: another ptb-lm process is training in this run directory";
+    // Neither a second start (even with --overwrite) nor a resume gets in, and nothing is deleted.
+    assert_one_line_error(&s.run(&["train", "--config", cfg, "--overwrite"]), &[busy]);
+    assert_one_line_error(&s.run(&["train", "--resume", "run"]), &[busy]);
+    assert!(s.path("run/best/model.safetensors").exists() && s.path("run/last").exists());
+    signal(&child, libc::SIGINT);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    // The lock ends with its process.
+    assert_success(&s.run(&["train", "--config", cfg, "--overwrite", "--epochs", "1"]));
+}
