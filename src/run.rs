@@ -8,6 +8,7 @@
 //!   metrics.jsonl   one line per epoch
 //!   perplexity.png  train/valid perplexity per epoch
 //!   summary.json    final figures, test perplexity of best/
+//!   .lock           flock(2)ed by the process training here
 //! ```
 
 use crate::checkpoint;
