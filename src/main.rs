@@ -104,6 +104,7 @@ struct EvalArgs {
     /// Corpus directory (default: the checkpoint's data.dir)
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// auto (CUDA when available), cpu or cuda
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Evaluation batch size for a PTB split (default: the checkpoint's train.eval_batch_size;
@@ -130,6 +131,7 @@ struct GenerateArgs {
     /// Sample among the K most likely words only
     #[arg(long, value_name = "K")]
     top_k: Option<usize>,
+    /// Random seed: the same seed gives the same text
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Allow <unk> in the output
@@ -141,6 +143,7 @@ struct GenerateArgs {
     /// Number of samples
     #[arg(long, default_value_t = 1, value_name = "M")]
     samples: usize,
+    /// cpu, cuda or auto (one word at a time is quick on the CPU)
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
 }
