@@ -99,7 +99,7 @@ fn non_utf8_data_is_refused() {
 }
 
 fn download(args: &[&str]) -> std::process::Output {
-    Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/download_ptb.sh")).args(args).output().unwrap()
+    Command::new(repo().join("scripts/download_ptb.sh")).args(args).output().unwrap()
 }
 
 #[test]

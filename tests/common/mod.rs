@@ -10,9 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 /// The real PTB files: $PTB_DIR, else data/ptb in the repository (`make test` and `.ci/run`
 /// put them there with scripts/download_ptb.sh).
 pub fn ptb_dir() -> PathBuf {
-    let dir = std::env::var_os("PTB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data/ptb"));
+    let dir = std::env::var_os("PTB_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("data/ptb"));
     assert!(
         dir.join("ptb.train.txt").exists(),
         "the real PTB is needed at {} (run scripts/download_ptb.sh, or set PTB_DIR)",
@@ -20,6 +18,13 @@ pub fn ptb_dir() -> PathBuf {
     );
     // Absolute: the tests' ptb-lm processes run in scratch directories.
     dir.canonicalize().unwrap()
+}
+
+/// The checkout under test. Read when the test runs (cargo sets it then too), not baked in at
+/// compile time: with a shared CARGO_TARGET_DIR, a test binary may have been compiled in
+/// another clone.
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
 pub fn bin() -> PathBuf {
