@@ -1,4 +1,4 @@
-//! Link-time set-up that torch-sys leaves to us (see ../shared/TOOLCHAIN.md):
+//! Link-time set-up that torch-sys leaves to us (the README's "Two commands" section says why):
 //!
 //! * an rpath to the libtorch lib directory, so the binary runs without LD_LIBRARY_PATH;
 //! * `libtorch_cuda.so` linked with `--no-as-needed`, without which the linker drops it

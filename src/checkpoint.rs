@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
 pub const FORMAT: u32 = 1;
@@ -64,6 +63,23 @@ pub struct Resume {
     pub asgd_count: u64,
 }
 
+impl Resume {
+    /// The start of a new run.
+    pub fn start() -> Resume {
+        Resume {
+            epoch: 0,
+            batch: 0,
+            loss_sum: 0.0,
+            loss_batches: 0,
+            seconds: 0.0,
+            nan_restarts: 0,
+            best_epoch: None,
+            valid_history: Vec::new(),
+            asgd_count: 0,
+        }
+    }
+}
+
 /// A loaded checkpoint.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -91,15 +107,6 @@ impl Checkpoint {
         let model = LstmLm::new(&self.meta.config.model, device, Kind::Float)?;
         model.load_named(&self.weights, &self.dir.join(WEIGHTS))?;
         Ok(model)
-    }
-
-    /// A tensor of `state.safetensors` by name.
-    pub fn state_tensor(&self, name: &str) -> Result<&Tensor> {
-        self.state
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
-            .with_context(|| format!("{}: tensor '{name}' is missing", self.dir.join(STATE).display()))
     }
 }
 
@@ -157,8 +164,6 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     })
 }
 
-static SAVES: AtomicUsize = AtomicUsize::new(0);
-
 /// Writes a checkpoint atomically into `dir` (replacing what was there).
 pub fn save(dir: &Path, meta: &Meta, weights: &[(String, Tensor)], state: &[(String, Tensor)]) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -171,7 +176,7 @@ pub fn save(dir: &Path, meta: &Meta, weights: &[(String, Tensor)], state: &[(Str
     fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
 
     write_tensors(&tmp.join(WEIGHTS), weights)?;
-    failpoint_pause_in_save();
+    crate::failpoint::pause_in_save();
     if !state.is_empty() {
         write_tensors(&tmp.join(STATE), state)?;
     }
@@ -231,16 +236,4 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     fs::rename(a, b)?;
     fs::rename(&old, a)?;
     Ok(())
-}
-
-/// Test hook: with PTB_LM_FAILPOINT_SAVE_PAUSE=N, the save after the first N pauses for a
-/// minute half-way (weights written, metadata not), so a test can kill the process there.
-fn failpoint_pause_in_save() {
-    let n = SAVES.fetch_add(1, Ordering::SeqCst);
-    if let Some(at) = std::env::var("PTB_LM_FAILPOINT_SAVE_PAUSE").ok().and_then(|v| v.parse::<usize>().ok()) {
-        if n == at {
-            eprintln!("ptb-lm: failpoint: paused in checkpoint save");
-            std::thread::sleep(std::time::Duration::from_secs(60));
-        }
-    }
 }

@@ -230,6 +230,8 @@ pub enum DeviceChoice {
     #[default]
     Auto,
     Cpu,
+    /// The first GPU ("gpu" is read as the same, in configs as on the command line).
+    #[serde(alias = "gpu")]
     Cuda,
 }
 
@@ -360,6 +362,21 @@ impl Config {
         }
         if t.asgd && t.asgd_nonmono == 0 {
             bail!("train.asgd_nonmono must be at least 1");
+        }
+        if self.run.out_dir.as_os_str().is_empty() {
+            bail!("run.out_dir must name a directory (got an empty path)");
+        }
+        if self.data.dir.as_os_str().is_empty() {
+            bail!("data.dir must name a directory (got an empty path)");
+        }
+        for (key, v) in [
+            ("data.train_tokens", self.data.train_tokens),
+            ("data.valid_tokens", self.data.valid_tokens),
+            ("data.test_tokens", self.data.test_tokens),
+        ] {
+            if v.is_some_and(|n| n < 2) {
+                bail!("{key} must be at least 2 (got {}); leave it out to use the whole split", v.unwrap_or(0));
+            }
         }
         Ok(())
     }

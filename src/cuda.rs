@@ -45,6 +45,24 @@ pub fn peak_allocated_bytes(device: usize) -> Option<u64> {
     }
 }
 
+/// Free and total bytes of the current GPU (cuda:0 for ptb-lm), from the CUDA runtime that
+/// libtorch loaded (`cudaMemGetInfo`, looked up at run time, so nothing more is linked).
+/// None without CUDA, or where the runtime says no.
+pub fn memory_info() -> Option<(u64, u64)> {
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches what is loaded.
+    let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"cudaMemGetInfo".as_ptr()) };
+    if sym.is_null() {
+        return None;
+    }
+    // SAFETY: cudaMemGetInfo(size_t* free, size_t* total) -> cudaError_t, as declared by CUDA.
+    let f: MemGetInfo = unsafe { std::mem::transmute::<*mut libc::c_void, MemGetInfo>(sym) };
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: two valid out-pointers.
+    let rc = unsafe { f(&mut free, &mut total) };
+    (rc == 0 && total > 0).then_some((free as u64, total as u64))
+}
+
 pub fn reset_peak(device: usize) {
     #[cfg(ptb_cuda_shim)]
     // SAFETY: plain call; the shim catches C++ exceptions.

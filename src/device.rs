@@ -45,3 +45,18 @@ pub fn peak_gpu_mib(device: Device) -> Option<f64> {
         _ => None,
     }
 }
+
+/// Bytes a run can still get on `device`: the CPU's MemAvailable (Linux), the GPU's free
+/// memory. None where it cannot be told.
+pub fn memory_available(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(_) => crate::cuda::memory_info().map(|(free, _)| free),
+        Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        _ => None,
+    }
+}

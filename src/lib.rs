@@ -11,6 +11,8 @@
 //! * [`run`]: the run directory and its overwrite rule
 //! * [`metrics`], [`plot`], [`progress`]: what a run reports
 //! * [`device`], [`cuda`]: devices; CUDA graphs, precision knobs and memory statistics
+//! * [`interrupt`]: Ctrl-C, SIGTERM and what each phase does with them
+//! * [`failpoint`]: test hooks that provoke faults (pauses, divergence) on any machine
 
 pub mod checkpoint;
 pub mod config;
@@ -18,7 +20,9 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod failpoint;
 pub mod generate;
+pub mod interrupt;
 pub mod metrics;
 pub mod model;
 pub mod plot;

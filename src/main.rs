@@ -3,11 +3,9 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use ptb_lm::config::{Config, DeviceChoice};
-use ptb_lm::{checkpoint::Checkpoint, device, eval, generate, train};
+use ptb_lm::{checkpoint::Checkpoint, device, eval, generate, interrupt, train};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "ptb-lm", version, about = "Word-level LSTM language models on the Penn Treebank")]
@@ -155,12 +153,21 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors as one line, like every other error; help and version as clap prints them.
+        Err(e) if e.use_stderr() => {
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<train::Interrupted>() => {
             eprintln!("{e}");
-            ExitCode::from(130)
+            ExitCode::from(interrupt::EXIT_CODE as u8)
         }
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -170,17 +177,25 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(command: Command) -> Result<()> {
+    interrupt::install()?;
     match command {
         Command::Train(args) => {
-            let stop = stop_on_signals()?;
+            // A closed stdout must not kill a training run: writes then fail, and training
+            // stops as on Ctrl-C, with a resumable checkpoint.
+            // SAFETY: changing a signal disposition; no handler code runs.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
+            let stop = interrupt::flag();
             let opts = train::TrainOptions { overwrite: args.overwrite, quiet: args.quiet };
             let summary = match (&args.resume, &args.config) {
-                (Some(dir), _) => train::resume(dir, &args.overrides(), &opts, &stop)?,
-                (None, Some(path)) => train::train(Config::load(path, &args.overrides())?, &opts, &stop)?,
+                (Some(dir), _) => train::resume(dir, &args.overrides(), &opts, stop)?,
+                (None, Some(path)) => train::train(Config::load(path, &args.overrides())?, &opts, stop)?,
                 (None, None) => unreachable!("clap requires --config or --resume"),
             };
             if args.quiet {
-                println!("test perplexity: {:.4}", summary.test_ppl);
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "test perplexity: {:.4}", summary.test_ppl);
             }
         }
         Command::Eval(args) => {
@@ -226,19 +241,4 @@ fn dispatch(command: Command) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The first SIGINT/SIGTERM asks training to stop after the current step and save; a
-/// second one quits at once.
-fn stop_on_signals() -> Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopping now");
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step to save a resumable checkpoint (again to quit at once)");
-    })?;
-    Ok(stop)
 }

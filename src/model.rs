@@ -12,7 +12,7 @@
 //! `lstm.{l}.bias_ih` (4H), `lstm.{l}.bias_hh` (4H), `decoder.weight` (V, H, absent when
 //! tied: the decoder then uses `embedding.weight`), `decoder.bias` (V).
 
-use crate::config::{InitScheme, ModelConfig};
+use crate::config::{Config, InitScheme, ModelConfig};
 use anyhow::{bail, Result};
 use std::path::Path;
 use tch::nn::{self, Init};
@@ -362,6 +362,29 @@ impl LstmLm {
             Ok(())
         })
     }
+}
+
+/// Number of parameters of the model `cfg` describes, computed without building it (as
+/// f64: absurd configs must not overflow).
+pub fn parameter_count(cfg: &ModelConfig) -> f64 {
+    let (v, d, h) = (cfg.vocab_size as f64, cfg.wordvec_size as f64, cfg.hidden_size as f64);
+    let layers = cfg.num_layers as f64;
+    let lstm = 4.0 * h * (d + h + 2.0) + (layers - 1.0).max(0.0) * 4.0 * h * (h + h + 2.0);
+    let decoder = if cfg.tie_weights { 0.0 } else { v * h };
+    v * d + lstm + decoder + v
+}
+
+/// About how many bytes training `cfg` takes on its device (float32): the weights, their
+/// gradients, the recovery snapshot, the averaged-SGD means and the copy made to validate
+/// them, plus one batch of activations kept for the backward pass (logits and their
+/// gradient, the LSTM gates and states). An estimate to refuse what cannot fit, not a bound.
+pub fn training_bytes(cfg: &Config) -> f64 {
+    let m = &cfg.model;
+    let copies = if cfg.train.asgd { 5.0 } else { 3.0 };
+    let tokens = (cfg.train.batch_size * cfg.train.bptt) as f64;
+    let per_token =
+        3.0 * m.vocab_size as f64 + 12.0 * (m.num_layers * m.hidden_size) as f64 + 2.0 * m.wordvec_size as f64;
+    4.0 * (copies * parameter_count(m) + tokens * per_token)
 }
 
 /// Variational dropout: one mask per sequence (shape (1, B, D)), shared by every time step.

@@ -1,17 +1,28 @@
 //! What a run tells the person watching it: a progress bar per epoch on stderr (only on a
 //! terminal, never with --quiet) and one line per epoch on stdout (not with --quiet).
+//!
+//! When nobody reads stdout any more (`ptb-lm train ... | head -1`), the lines stop and
+//! [`Reporter::output_closed`] says so, so training can stop as it does on Ctrl-C. (This
+//! needs SIGPIPE ignored, as `ptb-lm train` sets it; otherwise the write kills the process.)
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
+use std::cell::Cell;
+use std::io::{IsTerminal, Write};
 
 pub struct Reporter {
     quiet: bool,
     bar: Option<ProgressBar>,
+    closed: Cell<bool>,
 }
 
 impl Reporter {
     pub fn new(quiet: bool) -> Reporter {
-        Reporter { quiet, bar: None }
+        Reporter { quiet, bar: None, closed: Cell::new(false) }
+    }
+
+    /// Whether a write to stdout failed (its reader went away).
+    pub fn output_closed(&self) -> bool {
+        self.closed.get()
     }
 
     pub fn start_epoch(&mut self, epoch: usize, epochs: usize, batches: usize, done: usize) {
@@ -46,12 +57,19 @@ impl Reporter {
 
     /// A result line on stdout (suppressed by --quiet).
     pub fn line(&self, msg: &str) {
-        if self.quiet {
+        if self.quiet || self.closed.get() {
             return;
         }
-        match &self.bar {
-            Some(bar) => bar.suspend(|| println!("{msg}")),
-            None => println!("{msg}"),
+        let write = || {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{msg}").and_then(|_| out.flush())
+        };
+        let written = match &self.bar {
+            Some(bar) => bar.suspend(write),
+            None => write(),
+        };
+        if written.is_err() {
+            self.closed.set(true);
         }
     }
 

@@ -27,9 +27,34 @@ pub struct RunLock {
     _file: fs::File,
 }
 
-/// Files and directories ptb-lm writes into a run directory (and --overwrite removes).
-const OWNED: [&str; 7] =
-    ["best", "last", "metrics.jsonl", "perplexity.png", "summary.json", "config.toml", ".best.tmp"];
+/// Names ptb-lm writes into a run directory. Only what carries ptb-lm's own markers under
+/// these names counts as a run's (and only that may --overwrite remove): see [`RunDir::owned`].
+const NAMES: [&str; 11] = [
+    "best",
+    "last",
+    "metrics.jsonl",
+    "perplexity.png",
+    "summary.json",
+    "config.toml",
+    ".best.tmp",
+    ".last.tmp",
+    "best.old",
+    "last.old",
+    "perplexity.partial.png",
+];
+
+/// The first line of every config.toml ptb-lm writes.
+const CONFIG_HEADER: &str = "# Resolved configuration of this run (written by ptb-lm).";
+
+/// What is under one of ptb-lm's names in a run directory.
+#[derive(Debug, PartialEq)]
+enum Entry {
+    Absent,
+    /// Written by ptb-lm (it carries ptb-lm's markers).
+    Ours,
+    /// Something else: a user's file, never touched.
+    Foreign,
+}
 
 impl RunDir {
     pub fn new(root: &Path) -> RunDir {
@@ -78,35 +103,71 @@ impl RunDir {
         Ok(RunLock { _file: file })
     }
 
-    fn holds_run(&self) -> bool {
-        ["best", "last", "metrics.jsonl"].iter().any(|f| self.root.join(f).exists())
+    /// Whether `name` holds what ptb-lm wrote: a checkpoint directory whose checkpoint.json
+    /// is ptb-lm's format (a temporary one may hold only its tensor files so far), JSON
+    /// lines that are epoch records, a summary with ptb-lm's fields, a config with ptb-lm's
+    /// header, a PNG.
+    fn entry(&self, name: &str) -> Entry {
+        let path = self.root.join(name);
+        let Ok(meta) = fs::symlink_metadata(&path) else { return Entry::Absent };
+        let ours = match name {
+            "best" | "last" | "best.old" | "last.old" => meta.is_dir() && is_checkpoint(&path),
+            ".best.tmp" | ".last.tmp" => meta.is_dir() && only_checkpoint_files(&path),
+            "metrics.jsonl" => meta.is_file() && crate::metrics::MetricsLog::new(path.clone()).read().is_ok(),
+            "summary.json" => meta.is_file() && is_summary(&path),
+            "config.toml" => meta.is_file() && fs::read_to_string(&path).is_ok_and(|t| t.starts_with(CONFIG_HEADER)),
+            _ => meta.is_file() && fs::read(&path).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n")),
+        };
+        if ours {
+            Entry::Ours
+        } else {
+            Entry::Foreign
+        }
+    }
+
+    /// The names that hold ptb-lm's files; an error naming the first that holds something
+    /// else (ptb-lm never writes over, or deletes, what it did not write).
+    fn owned(&self) -> Result<Vec<&'static str>> {
+        let mut ours = Vec::new();
+        for name in NAMES {
+            match self.entry(name) {
+                Entry::Absent => {}
+                Entry::Ours => ours.push(name),
+                Entry::Foreign => bail!(
+                    "{}: not written by ptb-lm, and a run would write there; move it away or choose \
+                     another --out-dir (--overwrite deletes only what ptb-lm wrote)",
+                    self.root.join(name).display()
+                ),
+            }
+        }
+        Ok(ours)
     }
 
     /// Makes the directory ready for a new run of `cfg`. When it already holds a run, that
-    /// is an error unless `overwrite`, which deletes what ptb-lm wrote there.
+    /// is an error unless `overwrite`, which deletes what ptb-lm wrote there (and nothing
+    /// else: a foreign file under one of ptb-lm's names is an error either way).
     pub fn prepare_fresh(&self, cfg: &Config, overwrite: bool) -> Result<()> {
-        if self.holds_run() {
-            if !overwrite {
-                let what = match self.existing_config() {
-                    Some(old) if &old != cfg => {
-                        format!("a different run ({})", config_diff(&old, cfg))
-                    }
-                    Some(_) => "a run with this same config".to_string(),
-                    None => "a run".to_string(),
-                };
-                bail!(
-                    "{} already holds {what}; continue it with `ptb-lm train --resume {0}`, \
-                     or pass --overwrite to delete it and start again",
-                    self.root.display()
-                );
-            }
-            for name in OWNED {
-                let p = self.root.join(name);
-                if p.is_dir() {
-                    fs::remove_dir_all(&p).with_context(|| format!("{}: cannot remove", p.display()))?;
-                } else if p.exists() {
-                    fs::remove_file(&p).with_context(|| format!("{}: cannot remove", p.display()))?;
+        let owned = self.owned()?;
+        if !overwrite && owned.iter().any(|n| ["best", "last", "metrics.jsonl"].contains(n)) {
+            let what = match self.existing_config() {
+                Some(old) if &old != cfg => {
+                    format!("a different run ({})", config_diff(&old, cfg))
                 }
+                Some(_) => "a run with this same config".to_string(),
+                None => "a run".to_string(),
+            };
+            bail!(
+                "{} already holds {what}; continue it with `ptb-lm train --resume {0}`, \
+                 or pass --overwrite to delete it and start again",
+                self.root.display()
+            );
+        }
+        for name in owned {
+            let p = self.root.join(name);
+            if p.is_dir() {
+                fs::remove_dir_all(&p).with_context(|| format!("{}: cannot remove", p.display()))?;
+            } else {
+                fs::remove_file(&p).with_context(|| format!("{}: cannot remove", p.display()))?;
             }
         }
         fs::create_dir_all(&self.root).with_context(|| format!("{}: cannot create", self.root.display()))?;
@@ -115,7 +176,7 @@ impl RunDir {
 
     pub fn write_config(&self, cfg: &Config) -> Result<()> {
         let path = self.root.join("config.toml");
-        let text = format!("# Resolved configuration of this run (written by ptb-lm).\n{}", cfg.to_toml());
+        let text = format!("{CONFIG_HEADER}\n{}", cfg.to_toml());
         fs::write(&path, text).with_context(|| format!("{}: cannot write", path.display()))
     }
 
@@ -125,6 +186,30 @@ impl RunDir {
             Config::parse(&text, &[]).ok()
         })
     }
+}
+
+/// A directory holding nothing but files a checkpoint save writes (possibly not all yet).
+fn only_checkpoint_files(dir: &Path) -> bool {
+    let allowed = [checkpoint::WEIGHTS, checkpoint::STATE, checkpoint::META];
+    fs::read_dir(dir)
+        .is_ok_and(|entries| entries.into_iter().all(|e| e.is_ok_and(|e| allowed.iter().any(|a| e.file_name() == *a))))
+}
+
+/// A checkpoint directory: its files are a checkpoint's, and checkpoint.json carries
+/// ptb-lm's format marker (of any version).
+fn is_checkpoint(dir: &Path) -> bool {
+    let marked = fs::read_to_string(dir.join(checkpoint::META))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("format").is_some_and(|f| f.is_u64()) && v.get("ptb_lm_version").is_some());
+    marked && only_checkpoint_files(dir)
+}
+
+/// A summary.json as [`crate::train`] writes it.
+fn is_summary(path: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(path) else { return false };
+    let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    ["run_dir", "test_ppl", "epochs", "best_valid_ppl"].iter().all(|k| v.contains_key(*k))
 }
 
 /// "train.lr: 20 there, 10 here" for the first few keys that differ.

@@ -9,8 +9,10 @@
 
 use crate::config::{Precision, TrainConfig};
 use crate::cuda::CudaGraph;
+use crate::failpoint::Divergence;
 use crate::model::{LstmLm, State};
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Eager steps run on the capture stream before capturing (as torch.cuda.graph's docs ask).
@@ -268,6 +270,66 @@ impl TrainStep {
             }
         });
         true
+    }
+
+    /// What a resumable checkpoint keeps of the step besides the weights: the carried state
+    /// (`state.h.{l}`, `state.c.{l}`) and, when averaging, the running means (`avg.{name}`).
+    pub fn resumable_state(&self) -> Vec<(String, Tensor)> {
+        let mut out = self.state.named();
+        if let Some(avg) = self.averaged_named() {
+            out.extend(avg.into_iter().map(|(n, t)| (format!("avg.{n}"), t)));
+        }
+        out
+    }
+
+    /// Puts back what [`TrainStep::resumable_state`] saved (`asgd_count` iterates averaged;
+    /// 0: not averaging); `source` names the file in errors.
+    pub fn restore_resumable(&mut self, saved: &[(String, Tensor)], asgd_count: u64, source: &Path) -> Result<()> {
+        let find = |name: &str| {
+            saved
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .with_context(|| format!("{}: tensor '{name}' is missing", source.display()))
+        };
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in self.state.named() {
+                let src = find(&name)?;
+                if src.size() != t.size() {
+                    bail!("{}: '{name}' has shape {:?}, expected {:?}", source.display(), src.size(), t.size());
+                }
+                t.shallow_clone().copy_(src);
+            }
+            Ok(())
+        })?;
+        if asgd_count > 0 {
+            let avg = self
+                .model
+                .named_parameters()
+                .iter()
+                .map(|(n, p)| {
+                    let src = find(&format!("avg.{n}"))?;
+                    if src.size() != p.size() {
+                        bail!("{}: 'avg.{n}' has shape {:?}, expected {:?}", source.display(), src.size(), p.size());
+                    }
+                    Ok(src.shallow_clone())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.start_averaging(Some((avg, asgd_count)));
+        }
+        Ok(())
+    }
+
+    /// Breaks the step on purpose (see [`crate::failpoint`]).
+    pub fn provoke(&mut self, how: Divergence) {
+        tch::no_grad(|| match how {
+            Divergence::Nan => {
+                let _ = self.params[0].shallow_clone().fill_(f64::NAN);
+            }
+            Divergence::Loss => {
+                let _ = self.loss_sum.shallow_clone().g_add_scalar_(1e9);
+            }
+        });
     }
 
     /// Whether every weight is finite (synchronises).

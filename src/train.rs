@@ -12,6 +12,8 @@ use crate::config::Config;
 use crate::data::{self, Batches, Ptb};
 use crate::device;
 use crate::eval;
+use crate::failpoint;
+use crate::interrupt;
 use crate::metrics::{EpochRecord, MetricsLog};
 use crate::model::LstmLm;
 use crate::plot;
@@ -29,6 +31,12 @@ use tch::{Device, Kind};
 /// How often (at most) the loop synchronises with the device to read the loss, check it is
 /// finite and update the progress bar.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Training seconds after which the run's duration is projected (once per process).
+const PROJECT_AFTER_S: f64 = 10.0;
+
+/// A CPU run projected to take longer than this is told which config is CPU-sized.
+const CPU_HINT_AFTER_S: f64 = 30.0 * 60.0;
 
 pub struct TrainOptions {
     pub overwrite: bool,
@@ -73,25 +81,54 @@ pub fn step_seed(seed: u64, epoch: usize, batch: usize) -> i64 {
     ((z ^ (z >> 31)) >> 1) as i64
 }
 
-/// Ctrl-C or SIGTERM stopped training after saving a resumable checkpoint.
+/// The mean training loss (nats per token) above which a run counts as diverged even though
+/// the loss is still finite: ln(V), what a uniform guess over the vocabulary scores, plus
+/// 20 nats (e^20 ≈ 5·10^8 times worse than guessing). No learning model gets there; an
+/// exploding one passes it within a few steps on every processor, whether or not its
+/// arithmetic has reached inf or NaN yet (which depends on the processor).
+pub fn divergence_limit(vocab_size: i64) -> f64 {
+    (vocab_size as f64).ln() + 20.0
+}
+
+/// Whether a mean loss is diverged: not finite, or above [`divergence_limit`].
+pub fn diverged(mean_loss: f64, vocab_size: i64) -> bool {
+    !(mean_loss.is_finite() && mean_loss <= divergence_limit(vocab_size))
+}
+
+/// Training stopped early (Ctrl-C, SIGTERM or a closed stdout) after saving what it could.
 #[derive(Debug)]
 pub struct Interrupted {
     pub run_dir: PathBuf,
+    /// 1-based epoch in progress.
     pub epoch: usize,
     pub batch: usize,
     pub batches: usize,
+    /// Every epoch was trained and saved; only the final test evaluation was cut short.
+    pub finished: bool,
+    /// What stopped it: "interrupted", or "stdout was closed".
+    pub reason: &'static str,
 }
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let run = self.run_dir.display();
+        if self.finished {
+            return write!(
+                f,
+                "{} before the test evaluation; every epoch is saved in {run}; measure it with: \
+                 ptb-lm eval --checkpoint {}",
+                self.reason,
+                self.run_dir.join("best").display()
+            );
+        }
         write!(
             f,
-            "interrupted in epoch {} after batch {} of {}; progress saved in {}; continue with: ptb-lm train --resume {}",
+            "{} in epoch {} after batch {} of {}; progress saved in {}; continue with: ptb-lm train --resume {run}",
+            self.reason,
             self.epoch,
             self.batch,
             self.batches,
             self.run_dir.join("last").display(),
-            self.run_dir.display()
         )
     }
 }
@@ -111,16 +148,20 @@ pub struct Summary {
     pub train_seconds: f64,
 }
 
-/// Starts a new run of `cfg`.
+/// Starts a new run of `cfg`. Everything that can be checked is checked before the run
+/// directory is touched: the corpus, every split against its batch size, the memory.
 pub fn train(cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Summary> {
     let device = device::resolve(cfg.run.device)?;
     let run = RunDir::new(&cfg.run.out_dir);
     let ptb = load_corpus(&cfg)?;
+    let splits = Splits::new(&ptb, &cfg, device)?;
+    check_memory(&cfg, device)?;
     let _lock = run.lock()?;
     run.prepare_fresh(&cfg, opts.overwrite)?;
+    failpoint::pause("setup");
     tch::manual_seed(cfg.train.seed as i64);
     let model = LstmLm::new(&cfg.model, device, Kind::Float)?;
-    Session::new(cfg, ptb, model, device, run, opts, None)?.run(stop)
+    Session::new(cfg, ptb, splits, model, device, run, opts, None)?.run(stop)
 }
 
 /// Continues the run in `run_dir` from its `last/` checkpoint. `overrides` may change only
@@ -129,6 +170,13 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
     let run = RunDir::new(run_dir);
     let last = run.last();
     if !last.is_dir() {
+        if run_dir.file_name().is_some_and(|n| n == "last" || n == "best") && run_dir.join(checkpoint::META).is_file() {
+            bail!(
+                "{}: a checkpoint, not a run directory: resume the run that holds it, `ptb-lm train --resume {}`",
+                run_dir.display(),
+                run_dir.parent().unwrap_or(Path::new(".")).display()
+            );
+        }
         bail!(
             "{}: no resumable checkpoint (last/) in this directory; start a run with `ptb-lm train --config FILE`",
             run_dir.display()
@@ -139,30 +187,14 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
     let Some(position) = ckpt.meta.resume.clone() else {
         bail!("{}: this checkpoint is not resumable (no training position)", last.display());
     };
-    let old = ckpt.meta.config.clone();
-    let cfg = if overrides.is_empty() {
-        old.clone()
-    } else {
-        Config::parse(&toml::to_string(&old)?, overrides).context("override")?
-    };
-    let allowed = ["train.epochs", "run.device", "data.dir", "train.max_nan_restarts", "train.cuda_graph"];
-    let mut probe = cfg.clone();
-    probe.train.epochs = old.train.epochs;
-    probe.run.device = old.run.device;
-    probe.data.dir = old.data.dir.clone();
-    probe.train.max_nan_restarts = old.train.max_nan_restarts;
-    probe.train.cuda_graph = old.train.cuda_graph;
-    probe.run.out_dir = old.run.out_dir.clone();
-    if probe != old {
-        bail!("when resuming, only {} may change ({})", allowed.join(", "), crate::run::config_diff(&old, &probe));
-    }
-    let mut cfg = cfg;
-    cfg.run.out_dir = run_dir.to_path_buf();
+    let cfg = resumed_config(&ckpt.meta.config, overrides, run_dir)?;
     if position.epoch >= cfg.train.epochs {
         bail!(
-            "{}: the run already finished its {} epochs; raise them with --epochs N to train further",
+            "{}: the run already finished {} epochs (train.epochs = {}); train further with --epochs N, N > {}",
             run_dir.display(),
-            cfg.train.epochs
+            position.epoch,
+            cfg.train.epochs,
+            position.epoch
         );
     }
     let device = device::resolve(cfg.run.device)?;
@@ -174,9 +206,39 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
             last.display()
         );
     }
+    let splits = Splits::new(&ptb, &cfg, device)?;
+    check_memory(&cfg, device)?;
     let model = ckpt.model(device)?;
     run.write_config(&cfg)?;
-    Session::new(cfg, ptb, model, device, run, opts, Some(ckpt))?.run(stop)
+    Session::new(cfg, ptb, splits, model, device, run, opts, Some(ckpt))?.run(stop)
+}
+
+/// The saved config with `overrides` applied, refused when they change what is computed.
+fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<Config> {
+    let cfg = if overrides.is_empty() {
+        old.clone()
+    } else {
+        Config::parse(&toml::to_string(old)?, overrides).context("override")?
+    };
+    if cfg.run.out_dir != old.run.out_dir {
+        bail!(
+            "when resuming, run.out_dir cannot change: the run is where it is ({}); copy the directory to move it",
+            run_dir.display()
+        );
+    }
+    let allowed = ["train.epochs", "run.device", "data.dir", "train.max_nan_restarts", "train.cuda_graph"];
+    let mut probe = cfg.clone();
+    probe.train.epochs = old.train.epochs;
+    probe.run.device = old.run.device;
+    probe.data.dir = old.data.dir.clone();
+    probe.train.max_nan_restarts = old.train.max_nan_restarts;
+    probe.train.cuda_graph = old.train.cuda_graph;
+    if &probe != old {
+        bail!("when resuming, only {} may change ({})", allowed.join(", "), crate::run::config_diff(old, &probe));
+    }
+    let mut cfg = cfg;
+    cfg.run.out_dir = run_dir.to_path_buf();
+    Ok(cfg)
 }
 
 fn load_corpus(cfg: &Config) -> Result<Ptb> {
@@ -192,6 +254,63 @@ fn load_corpus(cfg: &Config) -> Result<Ptb> {
     Ok(ptb)
 }
 
+/// Refuses, before anything is allocated, a model whose training cannot fit the device.
+fn check_memory(cfg: &Config, device: Device) -> Result<()> {
+    let need = crate::model::training_bytes(cfg);
+    let Some(have) = device::memory_available(device) else { return Ok(()) };
+    if need > have as f64 {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        bail!(
+            "model: training it needs about {:.1} GiB ({} parameters, their gradients, recovery copy and \
+             averages, and one batch of activations) but {} has {:.1} GiB available; make model.hidden_size, \
+             model.num_layers or train.batch_size smaller",
+            gib(need),
+            crate::model::parameter_count(&cfg.model),
+            device::name(device),
+            gib(have as f64)
+        );
+    }
+    Ok(())
+}
+
+/// The three splits cut into batches. Built before the first step, so a split too short for
+/// its batch size is an error at the start, not after the last epoch.
+struct Splits {
+    train: Batches,
+    valid: Batches,
+    test: Batches,
+}
+
+impl Splits {
+    fn new(ptb: &Ptb, cfg: &Config, device: Device) -> Result<Splits> {
+        let (t, d) = (&cfg.train, &cfg.data);
+        let cut = |split: &str, corpus: &[i64], limit: Option<usize>, batch: i64, key: &str| {
+            let limit_note = limit.map_or(String::new(), |n| format!(", data.{split}_tokens = {n}"));
+            Batches::new(data::truncate(corpus, limit), batch, t.bptt, device).with_context(|| {
+                format!(
+                    "{} ({split} split, {key} = {batch}, train.bptt = {}{limit_note})",
+                    data::split_file(&d.dir, split).display(),
+                    t.bptt
+                )
+            })
+        };
+        Ok(Splits {
+            train: cut("train", &ptb.train, d.train_tokens, t.batch_size, "train.batch_size")?,
+            valid: cut("valid", &ptb.valid, d.valid_tokens, t.eval_batch_size, "train.eval_batch_size")?,
+            test: cut("test", &ptb.test, d.test_tokens, t.eval_batch_size, "train.eval_batch_size")?,
+        })
+    }
+}
+
+/// The last check that found the loss and weights sound: the next batch, the loss sum and
+/// the number of batches in it.
+#[derive(Debug, Clone, Copy)]
+struct Sound {
+    batch: usize,
+    loss_sum: f64,
+    counted: usize,
+}
+
 struct Session {
     cfg: Config,
     ptb: Ptb,
@@ -202,15 +321,22 @@ struct Session {
     metrics: MetricsLog,
     records: Vec<EpochRecord>,
     reporter: Reporter,
-    train_b: Batches,
-    valid_b: Batches,
+    splits: Splits,
     pos: Resume,
+    /// Wall seconds (training and validation) of each epoch this process ran.
+    epoch_walls: Vec<f64>,
+    /// Whether the run's duration has been projected yet.
+    projected: bool,
+    /// Continued from a checkpoint (rather than started).
+    resumed: bool,
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: Config,
         ptb: Ptb,
+        splits: Splits,
         model: LstmLm,
         device: Device,
         run: RunDir,
@@ -218,59 +344,20 @@ impl Session {
         resumed: Option<Checkpoint>,
     ) -> Result<Session> {
         let t = &cfg.train;
-        let train_b = Batches::new(data::truncate(&ptb.train, cfg.data.train_tokens), t.batch_size, t.bptt, device)
-            .context("training data")?;
-        let valid_b =
-            Batches::new(data::truncate(&ptb.valid, cfg.data.valid_tokens), t.eval_batch_size, t.bptt, device)
-                .context("validation data")?;
         let use_graph = t.cuda_graph && device.is_cuda() && crate::cuda::available();
         let mut step = TrainStep::new(model, t, use_graph)?;
         let metrics = MetricsLog::new(run.metrics());
         let mut schedule = LrSchedule { lr: t.lr, factor: t.lr_decay, best: None };
-        let mut records = Vec::new();
-        let pos = match &resumed {
-            None => Resume {
-                epoch: 0,
-                batch: 0,
-                loss_sum: 0.0,
-                loss_batches: 0,
-                seconds: 0.0,
-                nan_restarts: 0,
-                best_epoch: None,
-                valid_history: Vec::new(),
-                asgd_count: 0,
-            },
+        let (pos, records) = match &resumed {
+            None => (Resume::start(), Vec::new()),
             Some(ckpt) => {
                 let pos = ckpt.meta.resume.clone().expect("checked by resume()");
                 schedule.lr = ckpt.meta.lr;
                 schedule.best = ckpt.meta.best_valid_ppl;
-                tch::no_grad(|| -> Result<()> {
-                    for (name, t) in step.state.named() {
-                        let src = ckpt.state_tensor(&name)?;
-                        if src.size() != t.size() {
-                            bail!(
-                                "{}: '{name}' has shape {:?}, expected {:?}",
-                                ckpt.dir.display(),
-                                src.size(),
-                                t.size()
-                            );
-                        }
-                        t.shallow_clone().copy_(src);
-                    }
-                    Ok(())
-                })?;
-                if pos.asgd_count > 0 {
-                    let avg = step
-                        .model
-                        .named_parameters()
-                        .iter()
-                        .map(|(n, _)| ckpt.state_tensor(&format!("avg.{n}")).map(|t| t.shallow_clone()))
-                        .collect::<Result<Vec<_>>>()?;
-                    step.start_averaging(Some((avg, pos.asgd_count)));
-                }
+                step.restore_resumable(&ckpt.state, pos.asgd_count, &ckpt.dir.join(checkpoint::STATE))?;
                 step.reset_loss_sum(pos.loss_sum);
-                records = metrics.keep_before(pos.epoch + 1)?;
-                pos
+                let records = metrics.keep_before(pos.epoch + 1)?;
+                (pos, records)
             }
         };
         step.set_lr(schedule.lr);
@@ -284,22 +371,61 @@ impl Session {
             schedule,
             metrics,
             records,
-            train_b,
-            valid_b,
+            splits,
             pos,
+            epoch_walls: Vec::new(),
+            projected: false,
+            resumed: resumed.is_some(),
         })
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.cfg.model.vocab_size
+    }
+
+    /// Whether to stop: a signal, or nobody reads stdout any more.
+    fn stopping(&self, stop: &AtomicBool) -> bool {
+        stop.load(Ordering::SeqCst) || self.reporter.output_closed()
+    }
+
+    fn reason(&self) -> &'static str {
+        if self.reporter.output_closed() {
+            "stdout was closed"
+        } else {
+            "interrupted"
+        }
     }
 
     fn run(mut self, stop: &AtomicBool) -> Result<Summary> {
         let epochs = self.cfg.train.epochs;
-        if self.pos.epoch == 0 && self.pos.batch == 0 {
+        self.announce();
+        {
+            let _graceful = interrupt::Graceful::enter();
+            while self.pos.epoch < epochs {
+                self.train_epoch(stop)?;
+                self.end_epoch()?;
+                if self.stopping(stop) && self.pos.epoch < epochs {
+                    return Err(self.interrupted(false).into());
+                }
+            }
+        }
+        self.reporter.finish();
+        if self.stopping(stop) {
+            return Err(self.interrupted(true).into());
+        }
+        failpoint::pause("test");
+        self.finish()
+    }
+
+    fn announce(&self) {
+        if !self.resumed {
             let how = self.step.describe();
             self.reporter.line(&format!(
                 "training {} parameters on {} ({}), {} batches of {}x{} per epoch{}{}",
                 self.step.model.num_parameters(),
                 device::name(self.device),
                 self.cfg.run.out_dir.display(),
-                self.train_b.len(),
+                self.splits.train.len(),
                 self.cfg.train.batch_size,
                 self.cfg.train.bptt,
                 if how.is_empty() { "" } else { ", " },
@@ -311,33 +437,26 @@ impl Session {
                 self.run.root.display(),
                 self.pos.epoch + 1,
                 self.pos.batch,
-                self.train_b.len()
+                self.splits.train.len()
             ));
         }
-        while self.pos.epoch < epochs {
-            self.train_epoch(stop)?;
-            self.end_epoch()?;
-            if stop.load(Ordering::SeqCst) && self.pos.epoch < epochs {
-                return Err(self.interrupted().into());
-            }
-        }
-        self.reporter.finish();
-        self.finish()
     }
 
-    fn interrupted(&self) -> Interrupted {
+    fn interrupted(&self, finished: bool) -> Interrupted {
         Interrupted {
             run_dir: self.run.root.clone(),
             epoch: self.pos.epoch + 1,
             batch: self.pos.batch,
-            batches: self.train_b.len(),
+            batches: self.splits.train.len(),
+            finished,
+            reason: self.reason(),
         }
     }
 
-    /// The batches of the current epoch from `pos.batch` on.
+    /// The batches of the current epoch from `pos.batch` on. Every [`CHECK_EVERY`] the loss
+    /// is read: sound, it becomes the point to return to; diverged, training goes back there.
     fn train_epoch(&mut self, stop: &AtomicBool) -> Result<()> {
-        let n = self.train_b.len();
-        let epoch = self.pos.epoch;
+        let n = self.splits.train.len();
         if self.pos.batch == 0 {
             self.step.reset_state();
             self.step.reset_loss_sum(0.0);
@@ -349,88 +468,151 @@ impl Session {
             crate::cuda::reset_peak(i);
         }
         self.step.snapshot();
-        let mut good = (self.pos.loss_sum, self.pos.loss_batches);
-        let mut counted = self.pos.loss_batches;
-        self.reporter.start_epoch(epoch + 1, self.cfg.train.epochs, n, self.pos.batch);
+        let mut sound = Sound { batch: self.pos.batch, loss_sum: self.pos.loss_sum, counted: self.pos.loss_batches };
+        let mut counted = sound.counted;
+        self.reporter.start_epoch(self.pos.epoch + 1, self.cfg.train.epochs, n, self.pos.batch);
         let t0 = Instant::now();
         let mut last_check = Instant::now();
-        let mut last_report = (self.pos.batch, self.pos.loss_sum, 0.0f64);
-        let tokens_per_batch = self.train_b.tokens_per_batch() as f64;
-        for k in self.pos.batch..n {
-            let (x, y) = self.train_b.get(k);
-            let seed = step_seed(self.cfg.train.seed, epoch, k);
-            if let Err(e) = self.step.run(&x, &y, seed) {
-                if !self.step.uses_graph() {
-                    return Err(e);
-                }
-                self.reporter.warn(&format!("{e:#}; continuing without CUDA graphs"));
-                self.step.fall_back_to_eager();
-                self.step.run(&x, &y, seed)?;
-            }
+        let mut last_report = (sound, 0.0f64);
+        let mut k = self.pos.batch;
+        while k < n {
+            self.run_step(k)?;
             counted += 1;
-            let interrupted = stop.load(Ordering::SeqCst);
-            if !(interrupted || k + 1 == n || last_check.elapsed() >= CHECK_EVERY) {
+            k += 1;
+            let stopping = self.stopping(stop);
+            if !(stopping || k == n || last_check.elapsed() >= CHECK_EVERY) {
                 continue;
             }
             last_check = Instant::now();
+            let elapsed = self.pos.seconds + t0.elapsed().as_secs_f64();
             let sum = self.step.loss_sum();
-            if !sum.is_finite() || !self.step.weights_finite() {
-                self.recover_from_nan(epoch, k)?;
-                self.step.reset_loss_sum(good.0);
-                counted = good.1;
+            let mean = (sum - sound.loss_sum) / (counted - sound.counted).max(1) as f64;
+            if diverged(mean, self.vocab_size()) || !self.step.weights_finite() {
+                self.recover(k - 1, sound, mean, elapsed)?;
+                counted = sound.counted;
+                k = sound.batch;
             } else {
                 self.step.snapshot();
-                good = (sum, counted);
+                sound = Sound { batch: k, loss_sum: sum, counted };
             }
-            let elapsed = self.pos.seconds + t0.elapsed().as_secs_f64();
-            let (b0, s0, e0) = last_report;
-            let ppl = if k + 1 > b0 { ((good.0 - s0) / (k + 1 - b0) as f64).exp() } else { f64::NAN };
-            let speed = (k + 1 - b0) as f64 * tokens_per_batch / (elapsed - e0).max(1e-9);
-            self.reporter.update(k + 1, ppl, self.schedule.lr, speed);
-            last_report = (k + 1, good.0, elapsed);
-            if interrupted && k + 1 < n {
-                self.pos.batch = k + 1;
-                self.pos.loss_sum = good.0;
-                self.pos.loss_batches = counted;
+            self.report_progress(&mut last_report, sound, elapsed);
+            if stopping && sound.batch < n {
+                self.pos.batch = sound.batch;
+                self.pos.loss_sum = sound.loss_sum;
+                self.pos.loss_batches = sound.counted;
                 self.pos.seconds = elapsed;
                 self.save_last(None)?;
                 self.reporter.finish();
-                return Err(self.interrupted().into());
+                return Err(self.interrupted(false).into());
             }
         }
         self.pos.batch = n;
-        self.pos.loss_sum = good.0;
-        self.pos.loss_batches = counted;
+        self.pos.loss_sum = sound.loss_sum;
+        self.pos.loss_batches = sound.counted;
         self.pos.seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
 
-    /// A non-finite loss or weight: back to the last good weights, lr divided, or give up.
-    fn recover_from_nan(&mut self, epoch: usize, batch: usize) -> Result<()> {
-        self.pos.nan_restarts += 1;
-        let max = self.cfg.train.max_nan_restarts;
-        if self.pos.nan_restarts > max || !self.step.restore() {
-            let kept = if self.run.best().exists() {
-                format!("the best weights so far are in {}", self.run.best().display())
-            } else {
-                "no checkpoint was written".to_string()
-            };
-            bail!(
-                "training diverged: non-finite loss in epoch {}, batch {} ({} times, train.max_nan_restarts = {max}); \
-                 {kept}; try a smaller train.lr or train.max_grad",
-                epoch + 1,
-                batch + 1,
-                self.pos.nan_restarts,
+    /// One training step on batch `k` (leaving CUDA graphs if a capture fails).
+    fn run_step(&mut self, k: usize) -> Result<()> {
+        let (x, y) = self.splits.train.get(k);
+        let seed = step_seed(self.cfg.train.seed, self.pos.epoch, k);
+        if let Err(e) = self.step.run(&x, &y, seed) {
+            if !self.step.uses_graph() {
+                return Err(e);
+            }
+            self.reporter.warn(&format!("{e:#}; continuing without CUDA graphs"));
+            self.step.fall_back_to_eager();
+            self.step.run(&x, &y, seed)?;
+        }
+        if let Some(d) = failpoint::diverge_after(self.pos.epoch * self.splits.train.len() + k) {
+            self.step.provoke(d);
+        }
+        Ok(())
+    }
+
+    /// The progress bar, and once per process a projection of the whole run's duration.
+    fn report_progress(&mut self, last: &mut (Sound, f64), now: Sound, elapsed: f64) {
+        let (before, e0) = *last;
+        if now.batch > before.batch && now.counted > before.counted {
+            let batches = (now.counted - before.counted) as f64;
+            let ppl = ((now.loss_sum - before.loss_sum) / batches).exp();
+            let speed = batches * self.splits.train.tokens_per_batch() as f64 / (elapsed - e0).max(1e-9);
+            self.reporter.update(now.batch, ppl, self.schedule.lr, speed);
+            if !self.projected && elapsed >= PROJECT_AFTER_S {
+                self.projected = true;
+                self.project(speed);
+            }
+        }
+        *last = (now, elapsed);
+    }
+
+    /// Says how long the remaining epochs will take at `speed` tokens/s (validation
+    /// included, estimated at twice the training speed), and on a CPU which run fits one.
+    fn project(&self, speed: f64) {
+        let t = &self.cfg.train;
+        let per_epoch = self.splits.train.len() as f64 * self.splits.train.tokens_per_batch() as f64 / speed
+            + self.splits.valid.len() as f64 * self.splits.valid.tokens_per_batch() as f64 / (2.0 * speed);
+        let remaining = (t.epochs - self.pos.epoch) as f64 * per_epoch;
+        let mut msg = format!(
+            "projected: {} per epoch, about {} for the {} epoch{} left, at {:.1}k tokens/s",
+            human_duration(per_epoch),
+            human_duration(remaining),
+            t.epochs - self.pos.epoch,
+            if t.epochs - self.pos.epoch == 1 { "" } else { "s" },
+            speed / 1000.0
+        );
+        if !self.device.is_cuda() && remaining > CPU_HINT_AFTER_S {
+            msg.push_str(
+                "; that is long for a CPU: configs/rnnlm.toml (`make train CONFIG=configs/rnnlm.toml`) \
+                 is the CPU-sized run",
             );
         }
+        self.reporter.line(&msg);
+    }
+
+    /// A diverged span (loss not finite or above [`divergence_limit`], or weights not
+    /// finite): back to the last sound check with lr divided. After `max_nan_restarts`, that
+    /// sound state goes to `last/` (resumable) and the run stops with an error.
+    fn recover(&mut self, batch: usize, sound: Sound, mean_loss: f64, elapsed: f64) -> Result<()> {
+        self.pos.nan_restarts += 1;
+        self.step.restore();
+        self.step.reset_loss_sum(sound.loss_sum);
         let divisor = self.cfg.train.nan_lr_divisor();
         self.schedule.lr /= divisor;
         self.step.set_lr(self.schedule.lr);
+        let what = if !mean_loss.is_finite() {
+            "loss not finite".to_string()
+        } else if diverged(mean_loss, self.vocab_size()) {
+            format!("mean loss {mean_loss:.3e}, above the limit {:.1}", divergence_limit(self.vocab_size()))
+        } else {
+            "weights not finite".to_string()
+        };
+        let (epoch, max) = (self.pos.epoch + 1, self.cfg.train.max_nan_restarts);
+        if self.pos.nan_restarts > max {
+            self.pos.batch = sound.batch;
+            self.pos.loss_sum = sound.loss_sum;
+            self.pos.loss_batches = sound.counted;
+            self.pos.seconds = elapsed;
+            self.save_last(None)?;
+            self.reporter.finish();
+            bail!(
+                "training diverged in epoch {epoch}, batch {} ({what}), {} times (train.max_nan_restarts = {max}); \
+                 the last sound weights, with lr lowered to {}, are in {}: continue with `ptb-lm train --resume {} \
+                 --set train.max_nan_restarts={}`, or start again with a smaller train.lr or train.max_grad",
+                batch + 1,
+                self.pos.nan_restarts,
+                self.schedule.lr,
+                self.run.last().display(),
+                self.run.root.display(),
+                self.pos.nan_restarts + max.max(1),
+            );
+        }
         self.reporter.warn(&format!(
-            "non-finite loss in epoch {}, batch {}: restored the weights of the last check and divided lr by {} (now {}); {} of {max} restarts used",
-            epoch + 1,
+            "training diverged in epoch {epoch}, batch {} ({what}): went back to batch {} of the last sound check \
+             and divided lr by {divisor} (now {}); {} of {max} restarts used",
             batch + 1,
-            divisor,
+            sound.batch,
             self.schedule.lr,
             self.pos.nan_restarts
         ));
@@ -443,9 +625,19 @@ impl Session {
         let train_ppl = (self.pos.loss_sum / self.pos.loss_batches.max(1) as f64).exp();
         let lr_used = self.schedule.lr;
         let t = Instant::now();
-        let valid_b = &self.valid_b;
+        let valid_b = &self.splits.valid;
         let valid_ppl = self.step.with_averaged(|m| eval::perplexity(m, valid_b));
         let valid_seconds = t.elapsed().as_secs_f64();
+        if diverged(valid_ppl.ln(), self.vocab_size()) {
+            bail!(
+                "epoch {}: the validation perplexity is {valid_ppl} although training was sound (the weights \
+                 diverged on other data); nothing of this epoch was saved: {} holds the state before it \
+                 (`ptb-lm train --resume {}`), or start again with a smaller train.lr",
+                epoch + 1,
+                self.run.last().display(),
+                self.run.root.display()
+            );
+        }
         let history = self.pos.valid_history.clone();
         let averaging = self.step.averaging();
         let improved = self.schedule.observe(valid_ppl, averaging);
@@ -469,7 +661,7 @@ impl Session {
             lr: lr_used,
             train_ppl,
             valid_ppl,
-            tokens_per_s: (self.pos.loss_batches as f64 * self.train_b.tokens_per_batch() as f64)
+            tokens_per_s: (self.pos.loss_batches as f64 * self.splits.train.tokens_per_batch() as f64)
                 / self.pos.seconds.max(1e-9),
             seconds: self.pos.seconds,
             valid_seconds,
@@ -493,9 +685,19 @@ impl Session {
         self.pos.seconds = 0.0;
         self.step.reset_state();
         self.step.reset_loss_sum(0.0);
-        self.save_last(Some(valid_ppl))?;
+        // last/ describes its own weights: the raw ones, which were validated only when they
+        // are also the ones in use (not averaging).
+        self.save_last((!averaging).then_some(valid_ppl))?;
+        self.epoch_walls.push(record.seconds + record.valid_seconds);
+        let left = self.cfg.train.epochs - self.pos.epoch;
+        let eta = if left > 0 {
+            let mean = self.epoch_walls.iter().sum::<f64>() / self.epoch_walls.len() as f64;
+            format!(" | ETA {}", human_duration(mean * left as f64))
+        } else {
+            String::new()
+        };
         self.reporter.line(&format!(
-            "epoch {:>3} | lr {:>8.4} | train ppl {:>9.2} | valid ppl {:>9.2} | {:>6.1}k tok/s | {:>6.1} s{}{}",
+            "epoch {:>3} | lr {:>8.4} | train ppl {:>9.2} | valid ppl {:>9.2} | {:>6.1}k tok/s | {:>6.1} s{}{}{eta}",
             record.epoch,
             record.lr,
             record.train_ppl,
@@ -522,9 +724,10 @@ impl Session {
         }
     }
 
-    fn ensure_finite(&mut self) -> Result<()> {
+    /// Never writes non-finite weights (the checks above make this unreachable).
+    fn ensure_finite(&self) -> Result<()> {
         if !self.step.weights_finite() {
-            self.recover_from_nan(self.pos.epoch, self.pos.batch)?;
+            bail!("{}: refusing to save non-finite weights", self.run.root.display());
         }
         Ok(())
     }
@@ -541,12 +744,8 @@ impl Session {
     fn save_last(&mut self, valid_ppl: Option<f64>) -> Result<()> {
         self.ensure_finite()?;
         self.pos.asgd_count = self.step.averaged_count();
-        let mut state = self.step.state.named();
-        if let Some(avg) = self.step.averaged_named() {
-            state.extend(avg.into_iter().map(|(n, t)| (format!("avg.{n}"), t)));
-        }
         let meta = self.meta(valid_ppl, Some(self.pos.clone()));
-        checkpoint::save(&self.run.last(), &meta, &self.step.model.named_parameters(), &state)
+        checkpoint::save(&self.run.last(), &meta, &self.step.model.named_parameters(), &self.step.resumable_state())
     }
 
     fn finish(self) -> Result<Summary> {
@@ -559,15 +758,8 @@ impl Session {
         }
         let best = Checkpoint::load(&self.run.best())?;
         let model = best.model(self.device)?;
-        let test_b = Batches::new(
-            data::truncate(&self.ptb.test, self.cfg.data.test_tokens),
-            self.cfg.train.eval_batch_size,
-            self.cfg.train.bptt,
-            self.device,
-        )
-        .context("test data")?;
         let t = Instant::now();
-        let test_ppl = eval::perplexity(&model, &test_b);
+        let test_ppl = eval::perplexity(&model, &self.splits.test);
         let summary = Summary {
             run_dir: self.run.root.clone(),
             device: device::name(self.device),
@@ -589,6 +781,17 @@ impl Session {
             self.run.best().display()
         ));
         Ok(summary)
+    }
+}
+
+/// "45 s", "12 min", "3 h 05 min".
+pub fn human_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    let m = (s + 30) / 60;
+    match s {
+        0..=99 => format!("{s} s"),
+        100..=5999 => format!("{m} min"),
+        _ => format!("{} h {:02} min", m / 60, m % 60),
     }
 }
 
@@ -626,6 +829,25 @@ mod tests {
         assert!(!asgd_should_start(&[100.0, 90.0, 95.0, 96.0], 89.0, 2));
         // Too little history.
         assert!(!asgd_should_start(&[100.0, 90.0], 200.0, 2));
+    }
+
+    #[test]
+    fn divergence_is_a_loss_far_above_guessing_or_not_finite() {
+        let v = 10_000;
+        let guess = (v as f64).ln();
+        assert!(!diverged(guess, v), "a uniform guess is not diverged");
+        assert!(!diverged(guess + 19.9, v));
+        assert!(diverged(guess + 20.1, v));
+        assert!(diverged(1e30, v), "huge but finite");
+        assert!(diverged(f64::INFINITY, v) && diverged(f64::NAN, v));
+    }
+
+    #[test]
+    fn durations_read_as_a_person_says_them() {
+        assert_eq!(human_duration(42.4), "42 s");
+        assert_eq!(human_duration(720.0), "12 min");
+        assert_eq!(human_duration(7199.0), "2 h 00 min");
+        assert_eq!(human_duration(6.0 * 3600.0 + 310.0), "6 h 05 min");
     }
 
     #[test]

@@ -76,7 +76,7 @@ fn sigint_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted_run()
 
     // A finished run cannot be resumed without more epochs; with more it continues.
     let o = s.run(&["train", "--resume", "run"]);
-    assert_one_line_error(&o, &["already finished its 3 epochs", "--epochs"]);
+    assert_one_line_error(&o, &["already finished 3 epochs (train.epochs = 3)", "--epochs N, N > 3"]);
     let o = s.run(&["train", "--resume", "run", "--epochs", "4", "--set", "train.lr=1"]);
     assert_one_line_error(&o, &["when resuming, only", "train.lr"]);
 }
@@ -88,7 +88,7 @@ fn sigkill_during_a_save_leaves_the_previous_checkpoints_loadable() {
     // Saves: 0 = best (epoch 1), 1 = last (epoch 1), 2 = pauses half-written.
     let mut child = s
         .command(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "3"])
-        .env("PTB_LM_FAILPOINT_SAVE_PAUSE", "2")
+        .env("PTB_LM_FAILPOINT_PAUSE", "save:2")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -120,51 +120,144 @@ fn sigkill_during_a_save_leaves_the_previous_checkpoints_loadable() {
     assert!(!s.path(&format!("run/{}", leftovers[0])).exists());
 }
 
-#[test]
-fn a_non_finite_loss_restores_the_last_good_weights_and_divides_lr() {
-    let s = Sandbox::new();
-    // Unclipped, lr 2^100 turns the weights to inf/NaN within a few steps; one restart
-    // divides it by 2^96, to 16.
-    let cfg = s.config("c.toml", "lr_decay = 7.922816251426434e28\nmax_nan_restarts = 3");
-    let o = s.run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        "train.lr=1.2676506002282294e30",
-        "--set",
-        "train.max_grad=0",
-        "--epochs",
-        "1",
-    ]);
-    assert_success(&o);
-    let err = stderr(&o);
-    assert!(err.contains("warning: non-finite loss in epoch 1"), "{err}");
-    assert!(err.contains("restored the weights of the last check and divided lr by"), "{err}");
-    assert!(err.contains("(now 16); 1 of 3 restarts used"), "{err}");
-    let ckpt = Checkpoint::load(&s.path("run/best")).unwrap();
+/// Weights of a checkpoint are all finite.
+fn assert_finite_weights(dir: &std::path::Path) {
+    let ckpt = Checkpoint::load(dir).unwrap();
     for (name, t) in &ckpt.weights {
-        assert!(bool::try_from(t.isfinite().all()).unwrap(), "{name} has non-finite values");
+        assert!(bool::try_from(t.isfinite().all()).unwrap(), "{}: {name} has non-finite values", dir.display());
     }
-    let ppl = valid_ppls(&s.path("run"))[0];
-    assert!(ppl.is_finite(), "{ppl}");
 }
 
 #[test]
-fn a_diverging_run_stops_with_a_clear_error_and_writes_no_nan_weights() {
+fn a_non_finite_loss_restores_the_last_good_weights_and_divides_lr() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "max_nan_restarts = 3");
+    // A NaN weight after step 5, once: every processor sees a NaN loss at the next check.
+    let o = s
+        .command(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"])
+        .env("PTB_LM_FAILPOINT_DIVERGE", "nan@5")
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let err = stderr(&o);
+    assert!(err.contains("warning: training diverged in epoch 1, batch"), "{err}");
+    assert!(err.contains("(loss not finite): went back to batch"), "{err}");
+    assert!(err.contains("divided lr by 4 (now 5); 1 of 3 restarts used"), "{err}");
+    assert_finite_weights(&s.path("run/best"));
+    assert_finite_weights(&s.path("run/last"));
+    let ppl = valid_ppls(&s.path("run"))[0];
+    assert!(ppl.is_finite() && ppl < 5_000.0, "{ppl}");
+    assert_no_null_numbers(&s.path("run"));
+    // The epoch's loss counts the batches trained again after the restore, once each.
+    let last = Checkpoint::load(&s.path("run/last")).unwrap();
+    assert_eq!(last.meta.lr, 5.0);
+    assert_eq!(last.meta.resume.unwrap().nan_restarts, 1);
+}
+
+#[test]
+fn a_finite_but_exploding_loss_counts_as_divergence() {
+    // The loss grows by 1e9 after step 3: finite on every processor, far above ln(V) + 20.
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let o = s
+        .command(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"])
+        .env("PTB_LM_FAILPOINT_DIVERGE", "loss@3")
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let err = stderr(&o);
+    assert!(err.contains("warning: training diverged in epoch 1"), "{err}");
+    assert!(err.contains("above the limit 29.2"), "{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(s.path("run/metrics.jsonl")).unwrap().trim()).unwrap();
+    let train_ppl = m["train_ppl"].as_f64().unwrap();
+    assert!(train_ppl < 10_000.0, "the diverged span is not in the epoch's loss: {train_ppl}");
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_resumes_from_its_last_sound_state() {
     let s = Sandbox::new();
     let cfg = s.config("c.toml", "max_nan_restarts = 2");
-    let o = s.run(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.lr=1e30", "--set", "train.max_grad=0"]);
+    let o = s
+        .command(&["train", "--config", cfg.to_str().unwrap()])
+        .env("PTB_LM_FAILPOINT_DIVERGE", "nan@3+")
+        .output()
+        .unwrap();
     assert_one_line_error(
         &o,
         &[
-            "training diverged: non-finite loss in epoch 1",
-            "3 times",
-            "train.max_nan_restarts = 2",
-            "no checkpoint was written",
+            "training diverged in epoch 1, batch",
+            "(loss not finite), 3 times (train.max_nan_restarts = 2)",
+            "the last sound weights, with lr lowered to 0.3125, are in",
+            "--resume",
+            "--set train.max_nan_restarts=5",
         ],
     );
-    assert!(!s.path("run/best").exists() && !s.path("run/last").exists(), "no checkpoint of NaN weights");
+    assert!(!s.path("run/best").exists(), "no epoch was validated");
+    assert_finite_weights(&s.path("run/last"));
+    assert_no_null_numbers(&s.path("run"));
+    // Without the fault, the diverged run resumes at its lowered lr and finishes.
+    let o = s.run(&["train", "--resume", "run", "--set", "train.max_nan_restarts=5"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("resuming run at epoch 1, batch"), "{}", stdout(&o));
+    let metrics = std::fs::read_to_string(s.path("run/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(first["lr"].as_f64(), Some(0.3125));
+    assert_eq!(valid_ppls(&s.path("run")).len(), 2);
+    assert_no_null_numbers(&s.path("run"));
+}
+
+#[test]
+fn a_naturally_diverging_run_never_saves_or_reports_non_finite_numbers() {
+    // Unclipped lr 1e30: how the weights blow up (inf, NaN or huge but finite) depends on the
+    // processor. What holds everywhere: the guard fires, and nothing non-finite is written.
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "max_nan_restarts = 2");
+    let args = ["train", "--config", cfg.to_str().unwrap(), "--set", "train.lr=1e30", "--set", "train.max_grad=0"];
+    let o = s.run(&args);
+    assert!(stderr(&o).contains("warning: training diverged in epoch 1"), "{}", stderr(&o));
+    if !o.status.success() {
+        assert_one_line_error(&o, &["training diverged in epoch", "train.max_nan_restarts = 2"]);
+    }
+    for dir in ["run/best", "run/last"] {
+        if s.path(dir).exists() {
+            assert_finite_weights(&s.path(dir));
+        }
+    }
+    assert_no_null_numbers(&s.path("run"));
+    if s.path("run/last").exists() && !o.status.success() {
+        // It resumes (and may diverge again, which is then the same clear error).
+        let o = s.run(&["train", "--resume", "run"]);
+        if !o.status.success() {
+            assert_one_line_error(&o, &["training diverged in epoch"]);
+        }
+    }
+}
+
+#[test]
+fn every_float_of_a_resume_position_survives_json_exactly() {
+    use ptb_lm::checkpoint::Resume;
+    let awkward = [1418.3159677951421, 0.1 + 0.2, 5e-324, 1.7976931348623157e308, 2.0f64.powi(-1074), 1.0 / 3.0];
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut values: Vec<f64> = awkward.to_vec();
+    for _ in 0..2000 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let v = f64::from_bits(rng);
+        if v.is_finite() {
+            values.push(v);
+        }
+    }
+    for v in values {
+        let mut r = Resume::start();
+        r.loss_sum = v;
+        r.seconds = v.abs();
+        r.valid_history = vec![v, v / 7.0];
+        let back: Resume = serde_json::from_str(&serde_json::to_string_pretty(&r).unwrap()).unwrap();
+        assert_eq!(back.loss_sum.to_bits(), v.to_bits(), "{v:e}");
+        assert_eq!(back, r);
+    }
 }
 
 /// A trained run to break checkpoints of.
@@ -292,4 +385,178 @@ fn a_run_directory_is_trained_by_one_process_at_a_time() {
     assert_eq!(child.wait().unwrap().code(), Some(130));
     // The lock ends with its process.
     assert_success(&s.run(&["train", "--config", cfg, "--overwrite", "--epochs", "1"]));
+}
+
+/// Starts a tiny training run (many epochs) and returns once it has begun training.
+fn start_training(s: &Sandbox, epochs: &str, env: &[(&str, &str)]) -> (Child, BufReader<std::process::ChildStdout>) {
+    let cfg = s.config("c.toml", "");
+    let args = ["train", "--config", cfg.to_str().unwrap(), "--epochs", epochs];
+    let mut cmd = s.command(&args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    (child, out)
+}
+
+fn finish(mut child: Child) -> (Option<i32>, String) {
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), None, "killed by a signal: {status:?}\n{err}");
+    (status.code(), err)
+}
+
+#[test]
+fn two_quick_sigints_always_exit_130_without_a_crash() {
+    let s = Sandbox::new();
+    for i in 0..20u64 {
+        let _ = std::fs::remove_dir_all(s.path("run"));
+        let (child, mut out) = start_training(&s, "100", &[]);
+        wait_for_line(&mut out, "training ");
+        // At varied points of the first steps, a second signal 0.1 s after the first.
+        std::thread::sleep(Duration::from_millis(37 * (i % 8)));
+        signal(&child, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(100));
+        signal(&child, libc::SIGINT);
+        let (code, err) = finish(child);
+        assert_eq!(code, Some(130), "try {i}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("INTERNAL ASSERT"), "try {i}: {err}");
+        // Whatever was saved is whole.
+        for dir in ["run/best", "run/last"] {
+            if s.path(dir).exists() {
+                Checkpoint::load(&s.path(dir)).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_signal_during_set_up_ends_the_run_at_once() {
+    let s = Sandbox::new();
+    let (mut child, _out) = start_training(&s, "100", &[("PTB_LM_FAILPOINT_PAUSE", "setup")]);
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    wait_for_line(&mut err, "paused in setup");
+    let t = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(t.elapsed() < Duration::from_secs(30), "SIGTERM waited for the set-up to end");
+    assert!(!s.path("run/last").exists() && !s.path("run/best").exists());
+}
+
+#[test]
+fn a_signal_during_the_final_test_evaluation_exits_130_with_the_run_saved() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let mut child = s
+        .command(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"])
+        .env("PTB_LM_FAILPOINT_PAUSE", "test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    wait_for_line(&mut err, "paused in test");
+    signal(&child, libc::SIGINT);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(!s.path("run/summary.json").exists(), "the test evaluation did not finish");
+    Checkpoint::load(&s.path("run/best")).unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--device", "cpu"]);
+    assert_success(&o);
+}
+
+#[test]
+fn a_closed_stdout_stops_training_with_a_resumable_checkpoint() {
+    let s = Sandbox::new();
+    // Like `ptb-lm train ... | head -1`: the reader takes one line and goes away.
+    let (child, mut out) = start_training(&s, "3", &[]);
+    wait_for_line(&mut out, "training ");
+    drop(out);
+    let (code, err) = finish(child);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(err.contains("stdout was closed in epoch 2 after batch 0"), "{err}");
+    assert!(err.contains("continue with: ptb-lm train --resume"), "{err}");
+    let o = s.run(&["train", "--resume", "run"]);
+    assert_success(&o);
+    assert_eq!(valid_ppls(&s.path("run")).len(), 3);
+}
+
+#[test]
+fn a_foreign_file_under_a_run_name_survives_with_or_without_overwrite() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let cfg = cfg.to_str().unwrap();
+    std::fs::create_dir_all(s.path("run/best")).unwrap();
+    std::fs::write(s.path("run/best/thesis.txt"), "four years of work").unwrap();
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let mut args = vec!["train", "--config", cfg, "--epochs", "1"];
+        args.extend_from_slice(extra);
+        let o = s.run(&args);
+        assert_one_line_error(&o, &["run/best: not written by ptb-lm", "move it away or choose another --out-dir"]);
+        assert_eq!(std::fs::read_to_string(s.path("run/best/thesis.txt")).unwrap(), "four years of work");
+    }
+    // A user's config.toml in the run directory is not ptb-lm's either.
+    std::fs::remove_dir_all(s.path("run/best")).unwrap();
+    std::fs::write(s.path("run/config.toml"), "[my]\nsettings = 1\n").unwrap();
+    let o = s.run(&["train", "--config", cfg, "--epochs", "1", "--overwrite"]);
+    assert_one_line_error(&o, &["run/config.toml: not written by ptb-lm"]);
+    std::fs::remove_file(s.path("run/config.toml")).unwrap();
+    // ptb-lm's own leftovers (a half-written save) are its to clean.
+    assert_success(&s.run(&["train", "--config", cfg, "--epochs", "1"]));
+    std::fs::create_dir_all(s.path("run/.last.tmp")).unwrap();
+    std::fs::copy(s.path("run/last/model.safetensors"), s.path("run/.last.tmp/model.safetensors")).unwrap();
+    assert_success(&s.run(&["train", "--config", cfg, "--epochs", "1", "--overwrite"]));
+    assert!(!s.path("run/.last.tmp").exists());
+    // An empty output directory would train into the working directory.
+    let o = s.run(&["train", "--config", cfg, "--set", "run.out_dir=\"\""]);
+    assert_one_line_error(&o, &["run.out_dir must name a directory"]);
+    let o = s.run(&["train", "--config", cfg, "--out-dir", ""]);
+    assert_one_line_error(&o, &["--out-dir"]);
+}
+
+#[test]
+fn what_cannot_work_is_refused_before_the_first_step() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let cfg = cfg.to_str().unwrap();
+    // A test split too short for eval_batch_size x bptt (10 x 20).
+    let o = s.run(&["train", "--config", cfg, "--set", "data.test_tokens=150"]);
+    assert_one_line_error(
+        &o,
+        &[
+            "ptb.test.txt (test split, train.eval_batch_size = 10, train.bptt = 20, data.test_tokens = 150)",
+            "too short",
+        ],
+    );
+    assert!(!s.path("run").exists(), "nothing was started");
+    // A model that cannot fit in memory, with the estimate.
+    let t = Instant::now();
+    let o = s.run(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        "model.num_layers=100000",
+        "--set",
+        "model.hidden_size=650",
+        "--set",
+        "model.wordvec_size=650",
+    ]);
+    assert_one_line_error(&o, &["model: training it needs about", "GiB", "available"]);
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert!(!s.path("run").exists());
+}
+
+#[test]
+fn resume_refuses_what_it_cannot_honour_and_points_at_the_run() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    assert_success(&s.run(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]));
+    let o = s.run(&["train", "--resume", "run/last", "--epochs", "2"]);
+    assert_one_line_error(&o, &["run/last: a checkpoint, not a run directory", "ptb-lm train --resume run"]);
+    let o = s.run(&["train", "--resume", "run", "--epochs", "2", "--set", "run.out_dir=elsewhere"]);
+    assert_one_line_error(&o, &["when resuming, run.out_dir cannot change"]);
 }

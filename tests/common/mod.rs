@@ -35,7 +35,10 @@ pub fn bin() -> PathBuf {
 /// whose OpenMP threads busy-wait on two cores slow each other down many times over.
 pub fn command() -> Command {
     let mut c = Command::new(bin());
-    c.env("OMP_NUM_THREADS", "1").env_remove("PTB_LM_FAILPOINT_SAVE_PAUSE");
+    c.env("OMP_NUM_THREADS", "1");
+    for var in ptb_lm::failpoint::VARIABLES {
+        c.env_remove(var);
+    }
     c
 }
 
@@ -163,4 +166,41 @@ pub fn rng_lock() -> MutexGuard<'static, ()> {
 pub fn config_with(toml: &str, overrides: &[&str]) -> Config {
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     Config::parse(toml, &overrides).unwrap()
+}
+
+/// Every JSON file under `dir` (checkpoint.json, summary.json, metrics.jsonl lines) holds
+/// real numbers where it holds numbers: JSON has no inf or NaN, and serde writes them as
+/// null, which nothing can read back as a number.
+pub fn assert_no_null_numbers(dir: &Path) {
+    // Fields that are numbers whenever present (valid_ppl of a checkpoint may be null: not measured).
+    const NUMBERS: [&str; 8] =
+        ["train_ppl", "test_ppl", "lr", "loss_sum", "seconds", "tokens_per_s", "valid_history", "epoch"];
+    fn check(v: &serde_json::Value, file: &Path, in_metrics: bool) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, x) in map {
+                    let must = NUMBERS.contains(&k.as_str()) || (in_metrics && k == "valid_ppl");
+                    assert!(!(must && x.is_null()), "{}: {k} is null", file.display());
+                    if k == "valid_history" {
+                        assert!(x.as_array().unwrap().iter().all(|h| h.is_number()), "{}: {x}", file.display());
+                    }
+                    check(x, file, in_metrics);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| check(x, file, in_metrics)),
+            _ => {}
+        }
+    }
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            assert_no_null_numbers(&p);
+        } else if p.extension().is_some_and(|x| x == "jsonl") {
+            for line in std::fs::read_to_string(&p).unwrap().lines() {
+                check(&serde_json::from_str(line).unwrap(), &p, true);
+            }
+        } else if p.extension().is_some_and(|x| x == "json") {
+            check(&serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap(), &p, false);
+        }
+    }
 }

@@ -1,0 +1,91 @@
+//! Test hooks that provoke, on any machine, faults that real runs meet only by chance:
+//! a pause at a chosen point (so a test can send a signal or kill the process there) and a
+//! diverging step. Each is off unless its environment variable is set.
+//!
+//! * `PTB_LM_FAILPOINT_PAUSE=setup|test|save:N`: pause for a minute, after printing
+//!   `ptb-lm: failpoint: paused in <where>` on stderr: in set-up (before the first step),
+//!   before the final test evaluation, or half-way through the checkpoint save after the
+//!   first N (weights written, metadata not).
+//! * `PTB_LM_FAILPOINT_DIVERGE=KIND@STEP` (or `KIND@STEP+` for every step from STEP on):
+//!   right after training step STEP (0-based, counted over the whole run) `nan` turns a
+//!   weight into NaN, `loss` adds 1e9 to the running loss (finite, but clearly diverged).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+const PAUSE: &str = "PTB_LM_FAILPOINT_PAUSE";
+const DIVERGE: &str = "PTB_LM_FAILPOINT_DIVERGE";
+
+/// Every environment variable of this module (tests clear them for child processes).
+pub const VARIABLES: [&str; 2] = [PAUSE, DIVERGE];
+
+static SAVES: AtomicUsize = AtomicUsize::new(0);
+
+/// Pauses when `PTB_LM_FAILPOINT_PAUSE` names `point`.
+pub fn pause(point: &str) {
+    if std::env::var(PAUSE).is_ok_and(|v| v == point) {
+        hold(point);
+    }
+}
+
+/// Called once per checkpoint save, half-way: pauses in the save after the first N.
+pub fn pause_in_save() {
+    let n = SAVES.fetch_add(1, Ordering::SeqCst);
+    let at = std::env::var(PAUSE).ok().and_then(|v| v.strip_prefix("save:").and_then(|n| n.parse::<usize>().ok()));
+    if at == Some(n) {
+        hold("checkpoint save");
+    }
+}
+
+fn hold(point: &str) {
+    eprintln!("ptb-lm: failpoint: paused in {point}");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// How a provoked divergence breaks the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Divergence {
+    /// A weight becomes NaN.
+    Nan,
+    /// The running loss grows by 1e9: finite, far beyond any real loss.
+    Loss,
+}
+
+static DIVERGED: AtomicBool = AtomicBool::new(false);
+
+/// The divergence to provoke after global step `step`, if any: once per process for
+/// `KIND@STEP` (training goes back to before it and passes there again), every time from
+/// STEP on for `KIND@STEP+`.
+pub fn diverge_after(step: usize) -> Option<Divergence> {
+    let spec = std::env::var(DIVERGE).ok()?;
+    let (kind, at, onwards) = parse_diverge(&spec)?;
+    let fire = if onwards { step >= at } else { step == at && !DIVERGED.swap(true, Ordering::SeqCst) };
+    fire.then_some(kind)
+}
+
+fn parse_diverge(spec: &str) -> Option<(Divergence, usize, bool)> {
+    let (kind, at) = spec.split_once('@')?;
+    let kind = match kind {
+        "nan" => Divergence::Nan,
+        "loss" => Divergence::Loss,
+        _ => return None,
+    };
+    let (at, onwards) = match at.strip_suffix('+') {
+        Some(a) => (a, true),
+        None => (at, false),
+    };
+    Some((kind, at.parse().ok()?, onwards))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divergence_specs_parse() {
+        assert_eq!(parse_diverge("nan@5"), Some((Divergence::Nan, 5, false)));
+        assert_eq!(parse_diverge("loss@0+"), Some((Divergence::Loss, 0, true)));
+        assert_eq!(parse_diverge("inf@5"), None);
+        assert_eq!(parse_diverge("nan5"), None);
+    }
+}
