@@ -288,9 +288,11 @@ impl Config {
     pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
         let mut value: toml::Value = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            // toml's message spans lines ("invalid string\nexpected ..."): one line here.
+            let msg = e.message().trim().lines().map(str::trim).collect::<Vec<_>>().join("; ");
             match line {
-                Some(l) => anyhow::anyhow!("line {l}: {}", e.message()),
-                None => anyhow::anyhow!("{}", e.message()),
+                Some(l) => anyhow::anyhow!("line {l}: {msg}"),
+                None => anyhow::anyhow!("{msg}"),
             }
         })?;
         for o in overrides {

@@ -197,6 +197,9 @@ pub struct Batches {
 
 impl Batches {
     pub fn new(corpus: &[i64], batch_size: i64, bptt: i64, device: Device) -> Result<Batches> {
+        if batch_size < 1 || bptt < 1 {
+            bail!("batch size and bptt must be at least 1 (got {batch_size} and {bptt})");
+        }
         let n = corpus.len() as i64 - 1;
         let jump = n / batch_size;
         let len = jump / bptt;
@@ -205,7 +208,7 @@ impl Batches {
                 "a corpus of {} tokens is too short for batch size {batch_size} x bptt {bptt} \
                  (it needs at least {} tokens)",
                 corpus.len(),
-                batch_size * bptt + 1
+                batch_size.saturating_mul(bptt).saturating_add(1)
             );
         }
         let streams = |offset: usize| {

@@ -72,6 +72,7 @@ pub fn run(
     choice: crate::config::DeviceChoice,
     batch_size: Option<i64>,
 ) -> Result<EvalReport> {
+    crate::failpoint::torch_error();
     let ckpt = Checkpoint::load(checkpoint)?;
     let cfg = &ckpt.meta.config;
     let device = device::resolve(choice)?;

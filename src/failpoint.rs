@@ -9,15 +9,26 @@
 //! * `PTB_LM_FAILPOINT_DIVERGE=KIND@STEP` (or `KIND@STEP+` for every step from STEP on):
 //!   right after training step STEP (0-based, counted over the whole run) `nan` turns a
 //!   weight into NaN, `loss` adds 1e9 to the running loss (finite, but clearly diverged).
+//! * `PTB_LM_FAILPOINT_TORCH=1`: `ptb-lm eval` makes libtorch fail (a product of tensors whose
+//!   shapes do not match), as an unforeseen libtorch error would.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 const PAUSE: &str = "PTB_LM_FAILPOINT_PAUSE";
 const DIVERGE: &str = "PTB_LM_FAILPOINT_DIVERGE";
+const TORCH: &str = "PTB_LM_FAILPOINT_TORCH";
 
 /// Every environment variable of this module (tests clear them for child processes).
-pub const VARIABLES: [&str; 2] = [PAUSE, DIVERGE];
+pub const VARIABLES: [&str; 3] = [PAUSE, DIVERGE, TORCH];
+
+/// Makes libtorch fail when `PTB_LM_FAILPOINT_TORCH` is set.
+pub fn torch_error() {
+    if std::env::var_os(TORCH).is_some() {
+        let a = tch::Tensor::zeros([2, 3], (tch::Kind::Float, tch::Device::Cpu));
+        let _ = a.matmul(&a);
+    }
+}
 
 static SAVES: AtomicUsize = AtomicUsize::new(0);
 

@@ -12,6 +12,10 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads libtorch computes with (default: one per core). Give each of several
+    /// ptb-lm processes sharing a machine its share, e.g. --threads 1 for two on 2 cores.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=4096))]
+    threads: Option<i32>,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +90,7 @@ impl TrainArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct EvalArgs {
     /// Checkpoint directory, e.g. runs/better/best
     #[arg(long, value_name = "DIR")]
@@ -107,7 +112,7 @@ struct EvalArgs {
     device: DeviceChoice,
     /// Evaluation batch size for a PTB split (default: the checkpoint's train.eval_batch_size;
     /// a --file is scored whole, in one stream)
-    #[arg(long, conflicts_with = "file")]
+    #[arg(long, conflicts_with = "file", value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     batch_size: Option<i64>,
 }
 
@@ -163,6 +168,10 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    std::panic::set_hook(Box::new(report_panic));
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n);
+    }
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<train::Interrupted>() => {
@@ -214,8 +223,6 @@ fn dispatch(command: Command) -> Result<()> {
             );
         }
         Command::Generate(args) => {
-            let ckpt = Checkpoint::load(&args.checkpoint)?;
-            let model = ckpt.model(device::resolve(args.device)?)?;
             let opts = generate::GenerateOptions {
                 words: args.words,
                 temperature: args.temperature,
@@ -225,20 +232,48 @@ fn dispatch(command: Command) -> Result<()> {
                 until_eos: args.until_eos,
                 samples: args.samples,
             };
-            let out = generate::generate(&model, &ckpt.vocab()?, &args.prompt, &opts)?;
-            if !out.unknown.is_empty() {
-                eprintln!("warning: not in the vocabulary, read as <unk>: {}", out.unknown.join(", "));
+            opts.validate()?;
+            let ckpt = Checkpoint::load(&args.checkpoint)?;
+            let model = ckpt.model(device::resolve(args.device)?)?;
+            let vocab = ckpt.vocab()?;
+            let prompt = generate::read_prompt(&vocab, &args.prompt)?;
+            if !prompt.unknown.is_empty() {
+                eprintln!("warning: not in the vocabulary, read as <unk>: {}", prompt.unknown.join(", "));
             }
-            println!("{}", out.samples.join("\n\n"));
+            generate::generate(&model, &vocab, &prompt, &opts, &mut std::io::stdout().lock())?;
         }
         Command::Info => {
             println!("ptb-lm {} (tch 0.24, libtorch 2.11.0)", env!("CARGO_PKG_VERSION"));
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
-            println!("cuda graphs: {}", if ptb_lm::cuda::available() { "built in" } else { "not built" });
+            let graphs = match (ptb_lm::cuda::available(), tch::Cuda::is_available()) {
+                (true, true) => "usable",
+                (true, false) => "built in, but not usable here (no GPU)",
+                (false, _) => "not built into this ptb-lm",
+            };
+            println!("cuda graphs: {graphs}");
             println!("cpu threads: {}", tch::get_num_threads());
         }
     }
     Ok(())
+}
+
+/// Last line of defence: a panic (e.g. tch's plain methods on a libtorch error that no check
+/// foresaw) is reported like any error, on one line, instead of a backtrace.
+fn report_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    // tch wraps libtorch's message: ...Torch("the message\nException raised from ..."), its
+    // line breaks written as the two characters \n. Keep the message's first line.
+    let (source, msg) = match msg.split_once("Torch(\"") {
+        Some((_, m)) => ("libtorch failed", m.split("\\n").next().unwrap_or_default().trim_end_matches("\")")),
+        None => ("internal error", msg),
+    };
+    let first = msg.lines().next().unwrap_or_default();
+    eprintln!("error: {source}: {first}; this is a bug in ptb-lm, please report it");
 }

@@ -81,8 +81,12 @@ fn eos_becomes_a_line_break_and_until_eos_stops_there() {
 fn generate_refuses_bad_arguments() {
     let o = generate(&["--top-k", "0"]);
     assert_one_line_error(&o, &["--top-k must be at least 1"]);
-    let o = generate(&["--temperature", "-1"]);
-    assert_one_line_error(&o, &["--temperature must be >= 0"]);
+    for t in ["-1", "1e-38", "1e39", "nan", "inf"] {
+        let o = generate(&["--temperature", t]);
+        assert_one_line_error(&o, &["--temperature must be 0 (always the likeliest word) or between 0.001 and 1000"]);
+    }
+    let o = generate(&["--words", "-3"]);
+    assert_one_line_error(&o, &["--words"]);
     let o = command().args(["generate", "--checkpoint", "/nonexistent/best"]).output().unwrap();
     assert_one_line_error(&o, &["/nonexistent/best: no such checkpoint directory"]);
 }
@@ -128,4 +132,159 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let o = command().arg("info").stdout(writer).output().unwrap();
     assert!(stderr(&o).is_empty(), "{}", stderr(&o));
     assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{:?}", o.status);
+}
+
+/// The model's own next-word probabilities after `prompt` at temperature `t`, with `<unk>`
+/// removed unless `allow_unk` and cut to the `top_k` likeliest, computed with libtorch's
+/// softmax (independently of the sampler's own f64 code).
+fn model_probabilities(prompt: &str, t: f64, top_k: Option<i64>, allow_unk: bool) -> (Vec<f64>, ptb_lm::data::Vocab) {
+    use ptb_lm::checkpoint::Checkpoint;
+    use tch::{Device, Kind, Tensor};
+    let ckpt = Checkpoint::load(&trained().join("best")).unwrap();
+    let model = ckpt.model(Device::Cpu).unwrap();
+    let vocab = ckpt.vocab().unwrap();
+    let ids: Vec<i64> = prompt.split_whitespace().map(|w| vocab.id(w).unwrap()).collect();
+    let logits = tch::no_grad(|| {
+        let f = model.forward(&Tensor::from_slice(&ids).view([-1, 1]), &model.zero_state(1), false);
+        f.logits.get(-1).get(0).to_kind(Kind::Double)
+    });
+    if !allow_unk {
+        let _ = logits.get(vocab.id("<unk>").unwrap()).fill_(f64::NEG_INFINITY);
+    }
+    let scaled = &logits / t;
+    let masked = match top_k {
+        Some(k) => {
+            let (_, keep) = logits.topk(k, 0, true, true);
+            let m = Tensor::full([logits.size()[0]], f64::NEG_INFINITY, (Kind::Double, Device::Cpu));
+            m.index_copy(0, &keep, &scaled.index_select(0, &keep))
+        }
+        None => scaled,
+    };
+    (Vec::<f64>::try_from(masked.softmax(0, Kind::Double)).unwrap(), vocab)
+}
+
+#[test]
+fn samples_follow_the_models_distribution_at_every_temperature() {
+    let prompt = "the company said";
+    let n = 4000;
+    for (t, top_k, allow_unk) in [(0.5, None, false), (1.2, None, false), (1.2, Some(20), false), (0.5, Some(50), true)]
+    {
+        let (p, vocab) = model_probabilities(prompt, t, top_k, allow_unk);
+        let (ts, ns, ks) = (t.to_string(), n.to_string(), top_k.unwrap_or(0).to_string());
+        let mut args = vec!["--prompt", prompt, "--words", "1", "--samples", &ns, "--seed", "9", "--temperature", &ts];
+        if top_k.is_some() {
+            args.extend(["--top-k", &ks]);
+        }
+        if allow_unk {
+            args.push("--allow-unk");
+        }
+        let o = generate(&args);
+        assert_success(&o);
+        let text = stdout(&o);
+        let samples: Vec<&str> = text.trim_end().split("\n\n").collect();
+        assert_eq!(samples.len(), n, "T={t}");
+        let eos = vocab.id("<eos>").unwrap() as usize;
+        let mut counts = vec![0usize; p.len()];
+        for s in &samples {
+            let rest = s.strip_prefix(prompt).unwrap_or_else(|| panic!("sample without its prompt: {s:?}"));
+            let id = match rest.trim() {
+                "" => eos,
+                w => vocab.id(w).unwrap_or_else(|| panic!("not a word: {w:?}")) as usize,
+            };
+            counts[id] += 1;
+        }
+        // Nothing outside the distribution's support (<unk> when banned, words outside top-k).
+        for (id, (&c, &q)) in counts.iter().zip(&p).enumerate() {
+            assert!(
+                q > 0.0 || c == 0,
+                "T={t} top_k={top_k:?}: '{}' drawn {c} times with probability 0",
+                vocab.word(id as i64)
+            );
+        }
+        // Binomial z-scores of the 12 likeliest words, and a chi-square over every word
+        // expected at least 5 times (the rest pooled); the seed is fixed, the bounds wide.
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        for &id in &order[..12] {
+            let e = n as f64 * p[id];
+            let z = (counts[id] as f64 - e) / (e * (1.0 - p[id])).sqrt().max(1e-9);
+            assert!(
+                z.abs() < 4.5,
+                "T={t} top_k={top_k:?}: '{}' {} times, expected {e:.1} (z = {z:.2})",
+                vocab.word(id as i64),
+                counts[id]
+            );
+        }
+        let (mut chi2, mut bins, mut pooled_e, mut pooled_o) = (0.0, 0usize, 0.0, 0usize);
+        for id in 0..p.len() {
+            let e = n as f64 * p[id];
+            if e >= 5.0 {
+                chi2 += (counts[id] as f64 - e).powi(2) / e;
+                bins += 1;
+            } else {
+                pooled_e += e;
+                pooled_o += counts[id];
+            }
+        }
+        if pooled_e >= 5.0 {
+            chi2 += (pooled_o as f64 - pooled_e).powi(2) / pooled_e;
+            bins += 1;
+        }
+        let df = (bins - 1) as f64;
+        assert!(
+            chi2 < df + 6.0 * (2.0 * df).sqrt() + 10.0,
+            "T={t} top_k={top_k:?}: chi-square {chi2:.1} with {df} degrees of freedom"
+        );
+    }
+}
+
+#[test]
+fn words_are_written_as_they_are_drawn() {
+    // A long sample in a pipe: its first words arrive while the rest is still being drawn.
+    use std::io::Read;
+    let best = trained().join("best");
+    let mut child = command()
+        .args(["generate", "--checkpoint", best.to_str().unwrap(), "--words", "200000", "--seed", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 64];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "all 200,000 words were drawn before the first was shown");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_libtorch_error_is_a_one_line_error_not_a_backtrace() {
+    let best = trained().join("best");
+    let o = command()
+        .args(["eval", "--checkpoint", best.to_str().unwrap(), "--device", "cpu"])
+        .env("PTB_LM_FAILPOINT_TORCH", "1")
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, &["libtorch failed: mat1 and mat2 shapes cannot be multiplied", "please report it"]);
+}
+
+#[test]
+fn command_line_numbers_are_checked_like_config_values() {
+    let best = trained().join("best");
+    let best = best.to_str().unwrap();
+    for b in ["0", "-1", "99999999999"] {
+        let o = command().args(["eval", "--checkpoint", best, "--batch-size", b]).output().unwrap();
+        assert_one_line_error(&o, &["--batch-size"]);
+    }
+    // A batch size the split is too short for: a clear error, not an overflow.
+    let o =
+        command().args(["eval", "--checkpoint", best, "--batch-size", "1000000", "--device", "cpu"]).output().unwrap();
+    assert_one_line_error(&o, &["too short for batch size 1000000"]);
+    let o = command().args(["info", "--threads", "0"]).output().unwrap();
+    assert_one_line_error(&o, &["--threads"]);
+    let o = command().args(["--threads", "1", "info"]).output().unwrap();
+    assert_success(&o);
+    assert!(stdout(&o).contains("cpu threads: 1"), "{}", stdout(&o));
+    let graphs = stdout(&o).lines().find(|l| l.starts_with("cuda graphs: ")).unwrap().to_string();
+    if !tch::Cuda::is_available() {
+        assert!(!graphs.contains("usable") || graphs.contains("not usable"), "{graphs}");
+    }
 }
