@@ -56,7 +56,6 @@ pub struct Resume {
     /// Training seconds spent in the epoch so far.
     pub seconds: f64,
     pub nan_restarts: usize,
-    pub best_epoch: Option<usize>,
     /// Validation perplexity of every completed epoch.
     pub valid_history: Vec<f64>,
     /// Steps averaged so far when averaged SGD is on (0: not averaging).
@@ -73,7 +72,6 @@ impl Resume {
             loss_batches: 0,
             seconds: 0.0,
             nan_restarts: 0,
-            best_epoch: None,
             valid_history: Vec::new(),
             asgd_count: 0,
         }
@@ -142,12 +140,12 @@ pub fn read_meta(dir: &Path) -> Result<Meta> {
     let meta: Meta = serde_path_to_error::deserialize(probe)
         .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))?;
     meta.config.validate().with_context(|| format!("{}: config", path.display()))?;
-    if meta.vocab.len() as i64 != meta.config.model.vocab_size {
+    if meta.config.model.vocab_size != Some(meta.vocab.len() as i64) {
         bail!(
             "{}: the vocabulary has {} words but model.vocab_size is {}",
             path.display(),
             meta.vocab.len(),
-            meta.config.model.vocab_size
+            meta.config.model.vocab_size.map_or("not set".to_string(), |v| v.to_string())
         );
     }
     Ok(meta)

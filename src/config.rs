@@ -21,15 +21,43 @@ pub struct Config {
     pub run: RunConfig,
 }
 
-/// Where the corpus lives, and optional caps on how much of each split is used.
+/// Where the corpus lives, how its text is read, and optional caps on each split (see
+/// [`crate::data`]). One of `dir`, `file` or `train`/`valid`/`test` (default: `dir` =
+/// `data/ptb`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Directory holding ptb.{train,valid,test}.txt (relative paths: from the working directory).
-    #[serde(default = "default_data_dir")]
-    pub dir: PathBuf,
+    /// A directory holding the three splits as ptb.{split}.txt, {split}.txt or
+    /// wiki.{split}.tokens (relative paths: from the working directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// One text file, split here: its last `test_fraction` of tokens are the test split, the
+    /// `valid_fraction` before them the validation split (whole lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(default = "default_fraction")]
+    pub valid_fraction: f64,
+    #[serde(default = "default_fraction")]
+    pub test_fraction: f64,
+    /// Three files, one per split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<PathBuf>,
+    /// Keep at most this many words (the most frequent of the training split, <unk> and
+    /// <eos> included); the rest are read as <unk>.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vocab: Option<usize>,
+    /// Keep only words seen at least this often in the training split.
+    #[serde(default = "one_usize")]
+    pub min_count: usize,
+    /// Read the text lower-cased (training data, eval --file and prompts alike).
+    #[serde(default)]
+    pub lowercase: bool,
     /// Use only the first N tokens of each split (quick experiments, tests). The vocabulary
-    /// is always built from the whole training file.
+    /// is always built from the whole training split.
     #[serde(default)]
     pub train_tokens: Option<usize>,
     #[serde(default)]
@@ -40,12 +68,32 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { dir: default_data_dir(), train_tokens: None, valid_tokens: None, test_tokens: None }
+        DataConfig {
+            dir: None,
+            file: None,
+            valid_fraction: default_fraction(),
+            test_fraction: default_fraction(),
+            train: None,
+            valid: None,
+            test: None,
+            max_vocab: None,
+            min_count: 1,
+            lowercase: false,
+            train_tokens: None,
+            valid_tokens: None,
+            test_tokens: None,
+        }
     }
 }
 
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("data/ptb")
+/// The corpus directory when the config names none.
+pub const DEFAULT_DATA_DIR: &str = "data/ptb";
+
+fn default_fraction() -> f64 {
+    0.05
+}
+fn one_usize() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -62,8 +110,10 @@ pub enum InitScheme {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    #[serde(default = "default_vocab_size")]
-    pub vocab_size: i64,
+    /// Words in the vocabulary: taken from the corpus when left out; when set, the corpus
+    /// must give exactly this many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<i64>,
     pub wordvec_size: i64,
     pub hidden_size: i64,
     #[serde(default = "one")]
@@ -110,6 +160,10 @@ impl TrainConfig {
 }
 
 impl ModelConfig {
+    /// The vocabulary size (0 until taken from the corpus).
+    pub fn vocab(&self) -> i64 {
+        self.vocab_size.unwrap_or(0)
+    }
     pub fn dropout_input(&self) -> f64 {
         self.dropout_input.unwrap_or(self.dropout)
     }
@@ -121,9 +175,6 @@ impl ModelConfig {
     }
 }
 
-fn default_vocab_size() -> i64 {
-    10_000
-}
 fn one() -> i64 {
     1
 }
@@ -312,9 +363,8 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
         let t = &self.train;
-        positive("model.vocab_size", m.vocab_size)?;
-        if m.vocab_size < 2 {
-            bail!("model.vocab_size must be at least 2 (got {})", m.vocab_size);
+        if let Some(v) = m.vocab_size.filter(|&v| v < 3) {
+            bail!("model.vocab_size must be at least 3 (got {v}); leave it out to take it from the corpus");
         }
         positive("model.wordvec_size", m.wordvec_size)?;
         positive("model.hidden_size", m.hidden_size)?;
@@ -368,8 +418,35 @@ impl Config {
         if self.run.out_dir.as_os_str().is_empty() {
             bail!("run.out_dir must name a directory (got an empty path)");
         }
-        if self.data.dir.as_os_str().is_empty() {
-            bail!("data.dir must name a directory (got an empty path)");
+        let d = &self.data;
+        for (key, p) in [
+            ("data.dir", &d.dir),
+            ("data.file", &d.file),
+            ("data.train", &d.train),
+            ("data.valid", &d.valid),
+            ("data.test", &d.test),
+        ] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                bail!("{key} must name a path (got an empty one)");
+            }
+        }
+        for (key, f) in [("data.valid_fraction", d.valid_fraction), ("data.test_fraction", d.test_fraction)] {
+            if !(f > 0.0 && f < 1.0) {
+                bail!("{key} must be in (0, 1) (got {f})");
+            }
+        }
+        if d.valid_fraction + d.test_fraction >= 1.0 {
+            bail!(
+                "data.valid_fraction + data.test_fraction must be below 1 (got {} + {}): nothing would be left to train on",
+                d.valid_fraction,
+                d.test_fraction
+            );
+        }
+        if let Some(m) = d.max_vocab.filter(|&m| m < 3) {
+            bail!("data.max_vocab must be at least 3 (<unk>, <eos> and a word; got {m})");
+        }
+        if d.min_count == 0 {
+            bail!("data.min_count must be at least 1");
         }
         for (key, v) in [
             ("data.train_tokens", self.data.train_tokens),
@@ -436,7 +513,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_book() {
         let c = Config::parse(MIN, &[]).unwrap();
-        assert_eq!(c.model.vocab_size, 10_000);
+        assert_eq!(c.model.vocab_size, None, "taken from the corpus");
         assert_eq!(c.train.batch_size, 20);
         assert_eq!(c.train.bptt, 35);
         assert_eq!(c.train.lr_decay, 4.0);

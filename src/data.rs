@@ -1,29 +1,71 @@
-//! The Penn Treebank corpus, read as the book's `dataset/ptb.py` reads it, and batched as
-//! its `RnnlmTrainer.get_batch` / `eval_perplexity` batch it.
+//! A corpus: three splits of text (train, valid, test) read as word ids, as PyTorch's
+//! word_language_model `Corpus(path)` reads one, and batched as the book's
+//! `RnnlmTrainer.get_batch` / `eval_perplexity` batch it. Nothing here knows one dataset.
 //!
-//! * Words are whitespace-separated; `<eos>` is appended at the end of every line.
-//! * Word ids are given in order of first appearance over the training file; the validation
-//!   and test files use the training vocabulary (an unknown word there is an error naming the
-//!   file and line).
+//! * Where the text is ([`Layout`]): a directory holding the three splits under one of the
+//!   usual names (`ptb.{split}.txt`, `{split}.txt`, WikiText's `wiki.{split}.tokens`), three
+//!   explicit files, or one text file that is split here into contiguous line ranges (the
+//!   last `test_fraction` of its tokens for test, the `valid_fraction` before them for valid).
+//! * Text: UTF-8 (a byte-order mark is not part of the first word), optionally lower-cased;
+//!   words are whitespace-separated and `<eos>` closes every line, so a blank line is an empty
+//!   sentence: one `<eos>`.
+//! * Vocabulary: from the training split alone, ids in order of first appearance; every word
+//!   by default, or only those seen `min_count` times, capped to the `max_vocab` most frequent,
+//!   the rest read as `<unk>`. In a PTB directory (`ptb.*.txt`, whose files already map rare
+//!   words to `<unk>`) a valid/test word outside the vocabulary is an error naming file and
+//!   line; elsewhere it is read as `<unk>` and counted.
 //! * Batching: `batch_size` parallel streams, stream `i` starting at `i * jump` with
 //!   `jump = (n - 1) / batch_size`; batch `k` holds steps `k*T .. (k+1)*T` of every stream, so
 //!   the hidden state of stream `i` carries over from batch `k` to batch `k + 1` (truncated
 //!   BPTT). There are `(n - 1) / (batch_size * T)` batches.
 
+use crate::config::DataConfig;
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
 pub const EOS: &str = "<eos>";
 pub const UNK: &str = "<unk>";
 
-/// The three files of Mikolov's PTB split.
-pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
+/// One of the three splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Valid,
+    Test,
+}
 
-pub fn split_file(dir: &Path, split: &str) -> PathBuf {
-    dir.join(format!("ptb.{split}.txt"))
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Valid, Split::Test];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Valid => "valid",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Split> {
+        Split::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .with_context(|| format!("unknown split '{s}' (train, valid or test)"))
+    }
 }
 
 /// Word <-> id mapping.
@@ -34,16 +76,69 @@ pub struct Vocab {
 }
 
 impl Vocab {
-    /// Ids in order of first appearance.
+    /// Every word, ids in order of first appearance.
     pub fn build<'a>(words: impl IntoIterator<Item = &'a str>) -> Vocab {
         let mut v = Vocab { words: Vec::new(), ids: HashMap::new() };
         for w in words {
-            if !v.ids.contains_key(w) {
-                v.ids.insert(w.to_string(), v.words.len() as i64);
-                v.words.push(w.to_string());
-            }
+            v.add(w);
         }
         v
+    }
+
+    /// Words seen at least `min_count` times, at most `max_vocab` of them (the most frequent;
+    /// ties: the first seen), ids in order of first appearance. `<eos>` is always kept; when a
+    /// word is left out, `<unk>` is in the vocabulary (and counts toward `max_vocab`).
+    pub fn build_capped<'a>(
+        words: impl IntoIterator<Item = &'a str>,
+        max_vocab: Option<usize>,
+        min_count: usize,
+    ) -> Vocab {
+        let all = Vocab::build_counted(words);
+        let (order, mut counts) = (&all.0.words, all.1);
+        if let Some(eos) = all.0.id(EOS) {
+            counts[eos as usize] = usize::MAX;
+        }
+        let mut keep: Vec<usize> = (0..order.len()).filter(|&i| counts[i] >= min_count).collect();
+        let dropped = |kept: usize| kept < order.len();
+        if let Some(max) = max_vocab {
+            let room = if dropped(keep.len()) || keep.len() > max { max.saturating_sub(1) } else { max };
+            if keep.len() > room {
+                keep.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+                keep.truncate(room);
+                keep.sort_unstable();
+            }
+        }
+        let mut v = Vocab { words: Vec::new(), ids: HashMap::new() };
+        for &i in &keep {
+            v.add(&order[i]);
+        }
+        if dropped(keep.len()) {
+            v.add(UNK);
+        }
+        v
+    }
+
+    fn build_counted<'a>(words: impl IntoIterator<Item = &'a str>) -> (Vocab, Vec<usize>) {
+        let mut v = Vocab { words: Vec::new(), ids: HashMap::new() };
+        let mut counts = Vec::new();
+        for w in words {
+            let id = v.add(w) as usize;
+            if id == counts.len() {
+                counts.push(0);
+            }
+            counts[id] += 1;
+        }
+        (v, counts)
+    }
+
+    fn add(&mut self, w: &str) -> i64 {
+        if let Some(&id) = self.ids.get(w) {
+            return id;
+        }
+        let id = self.words.len() as i64;
+        self.ids.insert(w.to_string(), id);
+        self.words.push(w.to_string());
+        id
     }
 
     /// From a stored word list (a checkpoint's), which must not repeat a word.
@@ -80,20 +175,34 @@ impl Vocab {
     /// Encodes a text (lines of words; `<eos>` after each line). An unknown word is an error
     /// naming `source` and the line, unless `unk` is true, when it becomes `<unk>`.
     pub fn encode(&self, text: &str, source: &Path, unk: bool) -> Result<Vec<i64>> {
+        self.encode_counted(text, source, unk).map(|(ids, _)| ids)
+    }
+
+    /// [`Vocab::encode`], also giving how many words were read as `<unk>`.
+    pub fn encode_counted(&self, text: &str, source: &Path, unk: bool) -> Result<(Vec<i64>, usize)> {
         let unk_id = self.id(UNK);
         let eos = self.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
         let mut out = Vec::with_capacity(text.len() / 5);
+        let mut replaced = 0;
         for (n, line) in text.lines().enumerate() {
             for w in line.split_whitespace() {
                 match (self.id(w), unk_id) {
                     (Some(id), _) => out.push(id),
-                    (None, Some(u)) if unk => out.push(u),
+                    (None, Some(u)) if unk => {
+                        out.push(u);
+                        replaced += 1;
+                    }
+                    (None, None) if unk => bail!(
+                        "{} line {}: word '{w}' is not in the training vocabulary, which has no {UNK} to read it as",
+                        source.display(),
+                        n + 1
+                    ),
                     _ => bail!("{} line {}: word '{w}' is not in the training vocabulary", source.display(), n + 1),
                 }
             }
             out.push(eos);
         }
-        Ok(out)
+        Ok((out, replaced))
     }
 }
 
@@ -102,30 +211,41 @@ pub fn tokens(text: &str) -> impl Iterator<Item = &str> {
     text.lines().flat_map(|l| l.split_whitespace().chain(std::iter::once(EOS)))
 }
 
-/// Reads a corpus file as UTF-8 text; the error names the file and says what to do.
+/// Reads a text file as UTF-8, without a leading byte-order mark; the error names the file.
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow::anyhow!(
-            "{}: file not found (fetch the corpus with scripts/download_ptb.sh, or set data.dir)",
-            path.display()
-        ),
+        std::io::ErrorKind::NotFound => anyhow::anyhow!("{}: file not found", path.display()),
         _ => anyhow::anyhow!("{}: {e}", path.display()),
     })?;
     if bytes.is_empty() {
         bail!("{}: file is empty", path.display());
     }
-    String::from_utf8(bytes).map_err(|e| {
+    let mut text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to())
-    })
+    })?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
+/// Text as a corpus of `cfg` reads it (lower-cased when `data.lowercase`).
+pub fn normalise(text: String, cfg: &DataConfig) -> String {
+    if cfg.lowercase {
+        text.to_lowercase()
+    } else {
+        text
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// When `dir/SHA256SUMS` exists (scripts/download_ptb.sh writes it), the split file must
-/// match its line: a truncated or altered file is an error naming it.
-fn verify_checksum(dir: &Path, file: &Path, text: &str) -> Result<()> {
+/// When the file's directory has a `SHA256SUMS` listing it (the download scripts write one),
+/// the file must match: a truncated or altered file is an error naming it.
+fn verify_checksum(file: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
     let sums = dir.join("SHA256SUMS");
     let Ok(listing) = std::fs::read_to_string(&sums) else { return Ok(()) };
     let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -135,11 +255,11 @@ fn verify_checksum(dir: &Path, file: &Path, text: &str) -> Result<()> {
         (fname.trim_start_matches('*') == name).then(|| hash.to_lowercase())
     });
     if let Some(expected) = expected {
-        let actual = sha256_hex(text.as_bytes());
+        let actual = sha256_hex(bytes);
         if actual != expected {
             bail!(
                 "{}: SHA-256 mismatch (got {actual}, {} says {expected}): the file is corrupt or \
-                 truncated; fetch it again with scripts/download_ptb.sh",
+                 truncated; fetch it again (scripts/download_*.sh)",
                 file.display(),
                 sums.display()
             );
@@ -148,41 +268,324 @@ fn verify_checksum(dir: &Path, file: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// The PTB corpus as word ids.
-pub struct Ptb {
+/// Reads, checks and normalises one corpus file.
+fn read_corpus_file(path: &Path, cfg: &DataConfig, hint: &str) -> Result<String> {
+    if !path.exists() {
+        bail!("{}: file not found{hint}", path.display());
+    }
+    let text = read_text(path)?;
+    verify_checksum(path, text.as_bytes())?;
+    Ok(normalise(text, cfg))
+}
+
+/// Where a corpus's text is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// A directory with the three splits under one naming pattern (`{}` is the split).
+    Dir { dir: PathBuf, pattern: &'static str },
+    /// Three files.
+    Files { train: PathBuf, valid: PathBuf, test: PathBuf },
+    /// One text file, split here into contiguous line ranges.
+    Single { file: PathBuf, valid_fraction: f64, test_fraction: f64 },
+}
+
+/// Naming patterns a corpus directory may use, tried in this order.
+const PATTERNS: [&str; 3] = ["ptb.{}.txt", "{}.txt", "wiki.{}.tokens"];
+
+impl Layout {
+    /// The layout `cfg` describes, checked to exist.
+    pub fn of(cfg: &DataConfig) -> Result<Layout> {
+        let files = [&cfg.train, &cfg.valid, &cfg.test];
+        let explicit = files.iter().filter(|f| f.is_some()).count();
+        let given = [cfg.dir.is_some(), cfg.file.is_some(), explicit > 0].iter().filter(|&&b| b).count();
+        if given > 1 {
+            bail!("data: set one of data.dir, data.file or data.train/valid/test, not several");
+        }
+        if let Some(file) = &cfg.file {
+            return Ok(Layout::Single {
+                file: file.clone(),
+                valid_fraction: cfg.valid_fraction,
+                test_fraction: cfg.test_fraction,
+            });
+        }
+        if explicit > 0 {
+            let names = ["data.train", "data.valid", "data.test"];
+            let get =
+                |i: usize| files[i].clone().with_context(|| format!("data: {} is missing (set all three)", names[i]));
+            return Ok(Layout::Files { train: get(0)?, valid: get(1)?, test: get(2)? });
+        }
+        let dir = cfg.dir.clone().unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR));
+        if !dir.is_dir() {
+            bail!("{}: no such directory{}", dir.display(), ptb_hint(&dir));
+        }
+        let Some(pattern) = PATTERNS.into_iter().find(|p| dir.join(p.replace("{}", "train")).is_file()) else {
+            bail!(
+                "{}: no training split here (looked for ptb.train.txt, train.txt and wiki.train.tokens); \
+                 name the files so, or set data.file (one text file) or data.train/valid/test",
+                dir.display()
+            );
+        };
+        Ok(Layout::Dir { dir, pattern })
+    }
+
+    /// The file holding `split` (for a single file, the file).
+    pub fn file(&self, split: Split) -> PathBuf {
+        match self {
+            Layout::Dir { dir, pattern } => dir.join(pattern.replace("{}", split.name())),
+            Layout::Files { train, valid, test } => match split {
+                Split::Train => train.clone(),
+                Split::Valid => valid.clone(),
+                Split::Test => test.clone(),
+            },
+            Layout::Single { file, .. } => file.clone(),
+        }
+    }
+
+    /// PTB's files already read rare words as `<unk>`: an unknown word there is an error.
+    fn closed_vocabulary(&self) -> bool {
+        matches!(self, Layout::Dir { pattern, .. } if pattern.starts_with("ptb."))
+    }
+
+    fn hint(&self) -> String {
+        match self {
+            Layout::Dir { pattern, .. } if pattern.starts_with("ptb.") => PTB_HINT.to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+const PTB_HINT: &str = " (fetch PTB with scripts/download_ptb.sh, or set data.dir)";
+
+fn ptb_hint(dir: &Path) -> String {
+    if dir.ends_with("ptb") {
+        PTB_HINT.to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// Splits one text at line ends into (train, valid, test): test gets the last
+/// `test_fraction` of the tokens, valid the `valid_fraction` before them (whole lines each).
+fn split_text(text: &str, valid_fraction: f64, test_fraction: f64, file: &Path) -> Result<[String; 3]> {
+    let lines: Vec<&str> = text.lines().collect();
+    let counts: Vec<usize> = lines.iter().map(|l| l.split_whitespace().count() + 1).collect();
+    let total: usize = counts.iter().sum();
+    // First line of valid and of test: where the remaining tokens drop to the fraction.
+    let cut = |fraction: f64| {
+        let want = (total as f64 * fraction).round() as usize;
+        let mut tail = 0;
+        let mut i = lines.len();
+        while i > 0 && tail < want {
+            i -= 1;
+            tail += counts[i];
+        }
+        i
+    };
+    let test_start = cut(test_fraction);
+    let valid_start = cut(valid_fraction + test_fraction);
+    if valid_start == 0 || valid_start >= test_start || test_start >= lines.len() {
+        bail!(
+            "{}: {} lines are too few to split into train, valid and test (data.valid_fraction = \
+             {valid_fraction}, data.test_fraction = {test_fraction})",
+            file.display(),
+            lines.len()
+        );
+    }
+    let join = |r: std::ops::Range<usize>| lines[r].iter().flat_map(|l| [*l, "\n"]).collect::<String>();
+    Ok([join(0..valid_start), join(valid_start..test_start), join(test_start..lines.len())])
+}
+
+/// What a corpus holds, as recorded in a run (`corpus.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CorpusInfo {
+    pub layout: Layout,
+    pub vocab_size: usize,
+    /// Tokens (with `<eos>`) of train, valid and test.
+    pub tokens: [usize; 3],
+    /// Words read as `<unk>` in train, valid and test.
+    pub unk_replaced: [usize; 3],
+    /// For a single file: the first line (1-based) of valid and of test.
+    pub split_lines: Option<[usize; 2]>,
+}
+
+/// A corpus as word ids.
+pub struct Corpus {
     pub vocab: Vocab,
     pub train: Vec<i64>,
     pub valid: Vec<i64>,
     pub test: Vec<i64>,
+    pub info: CorpusInfo,
 }
 
-impl Ptb {
-    /// Loads the three splits from `dir`, building the vocabulary from the whole train file.
-    pub fn load(dir: &Path) -> Result<Ptb> {
-        let read = |split: &str| -> Result<(PathBuf, String)> {
-            let path = split_file(dir, split);
-            let text = read_text(&path)?;
-            verify_checksum(dir, &path, &text)?;
-            Ok((path, text))
-        };
-        let (train_path, train_text) = read("train")?;
-        let vocab = Vocab::build(tokens(&train_text));
-        let train = vocab.encode(&train_text, &train_path, false)?;
-        let (valid_path, valid_text) = read("valid")?;
-        let valid = vocab.encode(&valid_text, &valid_path, false)?;
-        let (test_path, test_text) = read("test")?;
-        let test = vocab.encode(&test_text, &test_path, false)?;
-        Ok(Ptb { vocab, train, valid, test })
+impl Corpus {
+    /// PTB (or any corpus directory) with the default reading: every word, as written.
+    pub fn open(dir: &Path) -> Result<Corpus> {
+        Corpus::load(&DataConfig { dir: Some(dir.to_path_buf()), ..DataConfig::default() })
     }
 
-    pub fn split(&self, name: &str) -> Option<&[i64]> {
-        match name {
-            "train" => Some(&self.train),
-            "valid" => Some(&self.valid),
-            "test" => Some(&self.test),
-            _ => None,
+    /// Reads the three splits `cfg` describes, with the vocabulary of its training split.
+    pub fn load(cfg: &DataConfig) -> Result<Corpus> {
+        let layout = Layout::of(cfg)?;
+        let (texts, split_lines) = Corpus::texts(&layout, cfg, &Split::ALL)?;
+        let train_text = texts[0].as_deref().expect("train was read");
+        let vocab = Corpus::vocabulary(train_text, cfg);
+        if vocab.is_empty() {
+            bail!("{}: the training split has no words", layout.file(Split::Train).display());
+        }
+        let lenient = !layout.closed_vocabulary();
+        let mut ids: Vec<Vec<i64>> = Vec::new();
+        let mut replaced = [0; 3];
+        for (i, split) in Split::ALL.into_iter().enumerate() {
+            let text = texts[i].as_deref().expect("every split was read");
+            let (v, r) = vocab.encode_counted(text, &layout.file(split), lenient && split != Split::Train)?;
+            if v.iter().all(|&t| Some(t) == vocab.id(EOS)) {
+                bail!("{}: the {split} split has no words", layout.file(split).display());
+            }
+            replaced[i] = r;
+            ids.push(v);
+        }
+        let test = ids.pop().expect("three splits");
+        let valid = ids.pop().expect("three splits");
+        let train = ids.pop().expect("three splits");
+        let info = CorpusInfo {
+            layout,
+            vocab_size: vocab.len(),
+            tokens: [train.len(), valid.len(), test.len()],
+            unk_replaced: replaced,
+            split_lines,
+        };
+        Ok(Corpus { vocab, train, valid, test, info })
+    }
+
+    /// One split of the corpus `cfg` describes, read with a checkpoint's vocabulary: only the
+    /// files needed are read (the training split too where it is there, to check that the
+    /// vocabulary is the one it gives). Also returns how many words were read as `<unk>`.
+    pub fn load_split(cfg: &DataConfig, split: Split, vocab: &Vocab, checkpoint: &Path) -> Result<(Vec<i64>, usize)> {
+        let layout = Layout::of(cfg)?;
+        let train_there = layout.file(Split::Train).is_file();
+        let want: Vec<Split> =
+            if train_there && split != Split::Train { vec![Split::Train, split] } else { vec![split] };
+        let (texts, _) = Corpus::texts(&layout, cfg, &want)?;
+        if let Some(train) = texts[0].as_deref().filter(|_| train_there) {
+            check_vocab(&Corpus::vocabulary(train, cfg), vocab, &layout.file(Split::Train), checkpoint)?;
+        }
+        let i = Split::ALL.iter().position(|&s| s == split).expect("a split");
+        let text = texts[i].as_deref().expect("the split was read");
+        vocab.encode_counted(text, &layout.file(split), !layout.closed_vocabulary() && split != Split::Train)
+    }
+
+    /// The texts of `want` (others None), and for a single file where it was split.
+    fn texts(layout: &Layout, cfg: &DataConfig, want: &[Split]) -> Result<([Option<String>; 3], Option<[usize; 2]>)> {
+        let hint = layout.hint();
+        match layout {
+            Layout::Single { file, valid_fraction, test_fraction } => {
+                let text = read_corpus_file(file, cfg, &hint)?;
+                let [a, b, c] = split_text(&text, *valid_fraction, *test_fraction, file)?;
+                let lines = [a.lines().count() + 1, a.lines().count() + b.lines().count() + 1];
+                Ok(([Some(a), Some(b), Some(c)], Some(lines)))
+            }
+            _ => {
+                let mut out = [None, None, None];
+                for (i, split) in Split::ALL.into_iter().enumerate() {
+                    if want.contains(&split) {
+                        out[i] = Some(read_corpus_file(&layout.file(split), cfg, &hint)?);
+                    }
+                }
+                Ok((out, None))
+            }
         }
     }
+
+    fn vocabulary(train: &str, cfg: &DataConfig) -> Vocab {
+        if cfg.max_vocab.is_none() && cfg.min_count <= 1 {
+            Vocab::build(tokens(train))
+        } else {
+            Vocab::build_capped(tokens(train), cfg.max_vocab, cfg.min_count)
+        }
+    }
+
+    pub fn split(&self, split: Split) -> &[i64] {
+        match split {
+            Split::Train => &self.train,
+            Split::Valid => &self.valid,
+            Split::Test => &self.test,
+        }
+    }
+
+    /// The file that holds `split`, for messages.
+    pub fn file(&self, split: Split) -> PathBuf {
+        self.info.layout.file(split)
+    }
+
+    /// One line on what was read: "data/ptb (ptb.{}.txt): 10000 words; tokens 929589 / ...".
+    pub fn describe(&self) -> String {
+        let i = &self.info;
+        let place = match &i.layout {
+            Layout::Dir { dir, pattern } => format!("{} ({pattern})", dir.display()),
+            Layout::Files { train, .. } => format!("{} and its valid/test files", train.display()),
+            Layout::Single { file, .. } => {
+                let [v, t] = i.split_lines.unwrap_or_default();
+                format!("{} (valid from line {v}, test from line {t})", file.display())
+            }
+        };
+        let unk = i.unk_replaced;
+        let unk = if unk.iter().any(|&n| n > 0) {
+            format!("; read as <unk>: {} / {} / {} words", unk[0], unk[1], unk[2])
+        } else {
+            String::new()
+        };
+        format!(
+            "corpus {place}: vocabulary {} words; train / valid / test {} / {} / {} tokens{unk}",
+            i.vocab_size, i.tokens[0], i.tokens[1], i.tokens[2]
+        )
+    }
+
+    /// The batches of `split`, cut to `data.{split}_tokens`; errors name the file and keys
+    /// (`batch_key` is the config key `batch` comes from).
+    pub fn batches(
+        &self,
+        split: Split,
+        cfg: &DataConfig,
+        batch: (i64, &str),
+        bptt: i64,
+        device: Device,
+    ) -> Result<Batches> {
+        let limit = match split {
+            Split::Train => cfg.train_tokens,
+            Split::Valid => cfg.valid_tokens,
+            Split::Test => cfg.test_tokens,
+        };
+        batches_of(truncate(self.split(split), limit), split, &self.file(split), limit, batch, bptt, device)
+    }
+}
+
+/// The batches of one split's ids (see [`Corpus::batches`]).
+pub fn batches_of(
+    ids: &[i64],
+    split: Split,
+    file: &Path,
+    limit: Option<usize>,
+    (batch, batch_key): (i64, &str),
+    bptt: i64,
+    device: Device,
+) -> Result<Batches> {
+    let limit_note = limit.map_or(String::new(), |n| format!(", data.{split}_tokens = {n}"));
+    Batches::new(ids, batch, bptt, device).with_context(|| {
+        format!("{} ({split} split, {batch_key} = {batch}, train.bptt = {bptt}{limit_note})", file.display())
+    })
+}
+
+/// The one check that a checkpoint's vocabulary is the one a corpus gives.
+pub fn check_vocab(corpus: &Vocab, checkpoint_vocab: &Vocab, train_file: &Path, checkpoint: &Path) -> Result<()> {
+    if corpus != checkpoint_vocab {
+        bail!(
+            "{}: its vocabulary differs from the checkpoint's ({}): not the corpus it was trained on",
+            train_file.display(),
+            checkpoint.display()
+        );
+    }
+    Ok(())
 }
 
 /// A corpus cut into the book's parallel streams, time-major, ready on a device.
@@ -234,10 +637,6 @@ impl Batches {
         self.inputs.size()[1]
     }
 
-    pub fn bptt(&self) -> i64 {
-        self.bptt
-    }
-
     /// Tokens predicted per batch.
     pub fn tokens_per_batch(&self) -> i64 {
         self.bptt * self.batch_size()
@@ -283,10 +682,34 @@ mod tests {
     }
 
     #[test]
+    fn a_capped_vocabulary_keeps_the_most_frequent_words_and_adds_unk() {
+        let text = "a b b c c c\nd d d d\n";
+        let v = Vocab::build_capped(tokens(text), Some(4), 1);
+        // <eos> twice, d 4, c 3, b 2, a 1: keep d, c, <eos> (3 = 4 - 1 for <unk>), in order of first appearance.
+        assert_eq!(v.words(), ["c", EOS, "d", UNK]);
+        // min_count 3 keeps c and d, and <eos> always.
+        let v = Vocab::build_capped(tokens(text), None, 3);
+        assert_eq!(v.words(), ["c", EOS, "d", UNK]);
+        let (ids, replaced) = v.encode_counted("a c\nzz\n", Path::new("x"), true).unwrap();
+        assert_eq!((ids, replaced), (vec![3, 0, 1, 3, 1], 2));
+        // Nothing left out: no <unk> added.
+        assert_eq!(Vocab::build_capped(tokens("a b\n"), Some(10), 1).words(), ["a", "b", EOS]);
+    }
+
+    #[test]
     fn unknown_word_names_file_and_line() {
         let v = Vocab::build(tokens("a b\n"));
         let err = v.encode("a\nb zz\n", Path::new("dir/ptb.valid.txt"), false).unwrap_err();
         assert_eq!(err.to_string(), "dir/ptb.valid.txt line 2: word 'zz' is not in the training vocabulary");
+    }
+
+    #[test]
+    fn one_text_splits_at_line_ends_into_tail_slices() {
+        let text: String = (0..100).map(|i| format!("w{i} x\n")).collect();
+        let [a, b, c] = split_text(&text, 0.1, 0.2, Path::new("f")).unwrap();
+        assert_eq!((a.lines().count(), b.lines().count(), c.lines().count()), (70, 10, 20));
+        assert!(b.starts_with("w70 x\n") && c.starts_with("w80 x\n"));
+        assert!(split_text("one line\n", 0.1, 0.1, Path::new("f")).unwrap_err().to_string().contains("too few"));
     }
 
     #[test]

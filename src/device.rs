@@ -60,3 +60,18 @@ pub fn memory_available(device: Device) -> Option<u64> {
         _ => None,
     }
 }
+
+/// The CUDA ordinal of `device` (0 for the CPU).
+pub fn index(device: Device) -> usize {
+    match device {
+        Device::Cuda(i) => i,
+        _ => 0,
+    }
+}
+
+/// Starts a new peak for [`peak_gpu_mib`] (nothing on the CPU).
+pub fn reset_peak(device: Device) {
+    if let Device::Cuda(i) = device {
+        crate::cuda::reset_peak(i);
+    }
+}

@@ -1,10 +1,10 @@
 //! Perplexity: the book's `eval_perplexity` (state reset, then the corpus in
 //! `eval_batch_size` parallel streams of `bptt` steps, exp of the mean batch loss), used for
-//! the PTB splits; every token of a user's text file, in one stream; and the `ptb-lm eval`
-//! command.
+//! the corpus's splits; every token of a user's text file, in one stream from the start of a
+//! sentence; and the `ptb-lm eval` command.
 
 use crate::checkpoint::Checkpoint;
-use crate::data::{self, Batches, Ptb};
+use crate::data::{self, Batches, Corpus, Split, EOS};
 use crate::device;
 use crate::model::LstmLm;
 use anyhow::{bail, Context, Result};
@@ -54,7 +54,7 @@ pub fn perplexity_of_stream(model: &LstmLm, corpus: &[i64], bptt: i64, device: D
 
 /// What `ptb-lm eval` measures.
 pub enum Target {
-    Split(String),
+    Split(Split),
     File { path: PathBuf, allow_unk: bool },
 }
 
@@ -63,6 +63,8 @@ pub struct EvalReport {
     pub ppl: f64,
     pub tokens: i64,
     pub seconds: f64,
+    /// What a reader should know about the number: caps applied, words read as `<unk>`.
+    pub notes: Vec<String>,
 }
 
 pub fn run(
@@ -77,43 +79,65 @@ pub fn run(
     let cfg = &ckpt.meta.config;
     let device = device::resolve(choice)?;
     let vocab = ckpt.vocab()?;
-    let (name, corpus) = match target {
+    let mut data = cfg.data.clone();
+    if let Some(dir) = data_dir {
+        data = crate::config::DataConfig {
+            dir: Some(dir.to_path_buf()),
+            file: None,
+            train: None,
+            valid: None,
+            test: None,
+            ..data
+        };
+    }
+    let model = ckpt.model(device)?;
+    let mut notes = Vec::new();
+    let unk_note = |n: usize| format!("{n} word{} read as <unk>", if n == 1 { "" } else { "s" });
+    match target {
         Target::Split(split) => {
-            let dir = data_dir.unwrap_or(&cfg.data.dir);
-            let ptb = Ptb::load(dir)?;
-            if ptb.vocab != vocab {
-                anyhow::bail!(
-                    "{}: its vocabulary differs from the checkpoint's ({}): not the corpus it was trained on",
-                    data::split_file(dir, "train").display(),
-                    checkpoint.display()
-                );
-            }
-            let all = ptb.split(split).with_context(|| format!("unknown split '{split}' (train, valid or test)"))?;
-            let limit = match split.as_str() {
-                "train" => cfg.data.train_tokens,
-                "valid" => cfg.data.valid_tokens,
-                _ => cfg.data.test_tokens,
+            let (ids, replaced) = Corpus::load_split(&data, *split, &vocab, checkpoint)?;
+            let limit = match split {
+                Split::Train => data.train_tokens,
+                Split::Valid => data.valid_tokens,
+                Split::Test => data.test_tokens,
             };
-            (split.clone(), data::truncate(all, limit).to_vec())
+            if let Some(n) = limit.filter(|&n| n < ids.len()) {
+                notes.push(format!("its first {n} tokens, as data.{split}_tokens of the checkpoint's config"));
+            }
+            if replaced > 0 {
+                notes.push(unk_note(replaced));
+            }
+            let file = data::Layout::of(&data)?.file(*split);
+            let batch =
+                batch_size.map_or((cfg.train.eval_batch_size, "train.eval_batch_size"), |b| (b, "--batch-size"));
+            let batches =
+                data::batches_of(data::truncate(&ids, limit), *split, &file, limit, batch, cfg.train.bptt, device)?;
+            let start = Instant::now();
+            let ppl = perplexity(&model, &batches);
+            let tokens = batches.len() as i64 * batches.tokens_per_batch();
+            Ok(EvalReport { name: split.to_string(), ppl, tokens, seconds: start.elapsed().as_secs_f64(), notes })
         }
         Target::File { path, allow_unk } => {
-            let text = data::read_text(path)?;
-            let ids = vocab.encode(&text, path, *allow_unk)?;
-            if ids.len() < 2 {
+            let text = data::normalise(data::read_text(path)?, &data);
+            let (mut ids, replaced) = vocab.encode_counted(&text, path, *allow_unk)?;
+            if ids.is_empty() || !ids.iter().any(|&t| Some(t) != vocab.id(EOS)) {
                 bail!("{}: no words to score", path.display());
             }
-            (path.display().to_string(), ids)
+            if replaced > 0 {
+                notes.push(unk_note(replaced));
+            }
+            // Scored from the start of a sentence, as in training: the first word after <eos>.
+            let eos = vocab.id(EOS).context("the vocabulary has no <eos>")?;
+            ids.insert(0, eos);
+            let start = Instant::now();
+            let ppl = perplexity_of_stream(&model, &ids, cfg.train.bptt, device);
+            Ok(EvalReport {
+                name: path.display().to_string(),
+                ppl,
+                tokens: ids.len() as i64 - 1,
+                seconds: start.elapsed().as_secs_f64(),
+                notes,
+            })
         }
-    };
-    let model = ckpt.model(device)?;
-    let start = Instant::now();
-    let (ppl, tokens) = match target {
-        Target::Split(_) => {
-            let batches =
-                Batches::new(&corpus, batch_size.unwrap_or(cfg.train.eval_batch_size), cfg.train.bptt, device)?;
-            (perplexity(&model, &batches), batches.len() as i64 * batches.tokens_per_batch())
-        }
-        Target::File { .. } => (perplexity_of_stream(&model, &corpus, cfg.train.bptt, device), corpus.len() as i64 - 1),
-    };
-    Ok(EvalReport { name, ppl, tokens, seconds: start.elapsed().as_secs_f64() })
+    }
 }

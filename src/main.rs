@@ -95,13 +95,13 @@ struct EvalArgs {
     /// Checkpoint directory, e.g. runs/better/best
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
-    /// PTB split: test, valid or train
+    /// Split of the checkpoint's corpus: test, valid or train
     #[arg(long, default_value = "test", conflicts_with = "file")]
-    split: String,
+    split: ptb_lm::data::Split,
     /// A text file (one sentence per line) instead of a PTB split
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
-    /// Read words missing from the vocabulary as <unk> (with --file)
+    /// Read words missing from the vocabulary as <unk> (with --file; the count is shown)
     #[arg(long, requires = "file")]
     allow_unk: bool,
     /// Corpus directory (default: the checkpoint's data.dir)
@@ -213,8 +213,9 @@ fn dispatch(command: Command) -> Result<()> {
                 None => eval::Target::Split(args.split),
             };
             let r = eval::run(&args.checkpoint, &target, args.data_dir.as_deref(), args.device, args.batch_size)?;
+            let notes: String = r.notes.iter().map(|n| format!("; {n}")).collect();
             println!(
-                "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s)",
+                "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s{notes})",
                 r.name,
                 r.ppl,
                 r.tokens,

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
@@ -37,10 +37,6 @@ pub struct MetricsLog {
 impl MetricsLog {
     pub fn new(path: PathBuf) -> MetricsLog {
         MetricsLog { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn append(&self, record: &EpochRecord) -> Result<()> {

@@ -109,7 +109,10 @@ impl LstmLm {
         }
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
-        let (v, d, h) = (cfg.vocab_size, cfg.wordvec_size, cfg.hidden_size);
+        let (v, d, h) = (cfg.vocab(), cfg.wordvec_size, cfg.hidden_size);
+        if v < 1 {
+            bail!("model.vocab_size is not known yet: it comes from the corpus (or the checkpoint)");
+        }
         let normal = |fan_in: i64| Init::Randn { mean: 0.0, stdev: 1.0 / (fan_in as f64).sqrt() };
         let (emb_init, dec_init) = match cfg.init {
             InitScheme::Book => (Init::Randn { mean: 0.0, stdev: 0.01 }, normal(h)),
@@ -199,10 +202,6 @@ impl LstmLm {
 
     pub fn is_fused(&self) -> bool {
         self.fused
-    }
-
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
     }
 
     pub fn device(&self) -> Device {
@@ -367,7 +366,7 @@ impl LstmLm {
 /// Number of parameters of the model `cfg` describes, computed without building it (as
 /// f64: absurd configs must not overflow).
 pub fn parameter_count(cfg: &ModelConfig) -> f64 {
-    let (v, d, h) = (cfg.vocab_size as f64, cfg.wordvec_size as f64, cfg.hidden_size as f64);
+    let (v, d, h) = (cfg.vocab() as f64, cfg.wordvec_size as f64, cfg.hidden_size as f64);
     let layers = cfg.num_layers as f64;
     let lstm = 4.0 * h * (d + h + 2.0) + (layers - 1.0).max(0.0) * 4.0 * h * (h + h + 2.0);
     let decoder = if cfg.tie_weights { 0.0 } else { v * h };
@@ -382,8 +381,7 @@ pub fn training_bytes(cfg: &Config) -> f64 {
     let m = &cfg.model;
     let copies = if cfg.train.asgd { 5.0 } else { 3.0 };
     let tokens = (cfg.train.batch_size * cfg.train.bptt) as f64;
-    let per_token =
-        3.0 * m.vocab_size as f64 + 12.0 * (m.num_layers * m.hidden_size) as f64 + 2.0 * m.wordvec_size as f64;
+    let per_token = 3.0 * m.vocab() as f64 + 12.0 * (m.num_layers * m.hidden_size) as f64 + 2.0 * m.wordvec_size as f64;
     4.0 * (copies * parameter_count(m) + tokens * per_token)
 }
 

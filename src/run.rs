@@ -8,6 +8,7 @@
 //!   metrics.jsonl   one line per epoch
 //!   perplexity.png  train/valid perplexity per epoch
 //!   summary.json    final figures, test perplexity of best/
+//!   corpus.json     what was read: files, split lines, vocabulary and token counts
 //!   .lock           flock(2)ed by the process training here
 //! ```
 
@@ -29,7 +30,8 @@ pub struct RunLock {
 
 /// Names ptb-lm writes into a run directory. Only what carries ptb-lm's own markers under
 /// these names counts as a run's (and only that may --overwrite remove): see [`RunDir::owned`].
-const NAMES: [&str; 11] = [
+const NAMES: [&str; 12] = [
+    "corpus.json",
     "best",
     "last",
     "metrics.jsonl",
@@ -75,6 +77,17 @@ impl RunDir {
     pub fn summary(&self) -> PathBuf {
         self.root.join("summary.json")
     }
+    pub fn corpus(&self) -> PathBuf {
+        self.root.join("corpus.json")
+    }
+
+    /// Records what the run reads: the corpus's files, how a single file was split, the
+    /// vocabulary size, tokens per split and words read as `<unk>`.
+    pub fn write_corpus(&self, info: &crate::data::CorpusInfo) -> Result<()> {
+        let path = self.corpus();
+        fs::write(&path, serde_json::to_string_pretty(info)?)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    }
 
     /// Takes the directory's lock (`.lock`, flock(2)), creating the directory if needed, so
     /// two processes never train, overwrite or resume in the same run at once.
@@ -114,7 +127,8 @@ impl RunDir {
             "best" | "last" | "best.old" | "last.old" => meta.is_dir() && is_checkpoint(&path),
             ".best.tmp" | ".last.tmp" => meta.is_dir() && only_checkpoint_files(&path),
             "metrics.jsonl" => meta.is_file() && crate::metrics::MetricsLog::new(path.clone()).read().is_ok(),
-            "summary.json" => meta.is_file() && is_summary(&path),
+            "summary.json" => meta.is_file() && has_keys(&path, &["run_dir", "test_ppl", "epochs", "best_valid_ppl"]),
+            "corpus.json" => meta.is_file() && has_keys(&path, &["layout", "vocab_size", "tokens", "unk_replaced"]),
             "config.toml" => meta.is_file() && fs::read_to_string(&path).is_ok_and(|t| t.starts_with(CONFIG_HEADER)),
             _ => meta.is_file() && fs::read(&path).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n")),
         };
@@ -205,11 +219,11 @@ fn is_checkpoint(dir: &Path) -> bool {
     marked && only_checkpoint_files(dir)
 }
 
-/// A summary.json as [`crate::train`] writes it.
-fn is_summary(path: &Path) -> bool {
+/// A JSON object with all of `keys` (how summary.json and corpus.json are recognised).
+fn has_keys(path: &Path, keys: &[&str]) -> bool {
     let Ok(text) = fs::read_to_string(path) else { return false };
     let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
-    ["run_dir", "test_ppl", "epochs", "best_valid_ppl"].iter().all(|k| v.contains_key(*k))
+    keys.iter().all(|k| v.contains_key(*k))
 }
 
 /// "train.lr: 20 there, 10 here" for the first few keys that differ.

@@ -13,7 +13,7 @@ use crate::failpoint::Divergence;
 use crate::model::{LstmLm, State};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Eager steps run on the capture stream before capturing (as torch.cuda.graph's docs ask).
 const WARMUP_STEPS: usize = 3;
@@ -38,6 +38,8 @@ pub struct TrainStep {
     y: Tensor,
     pub state: State,
     lr: Tensor,
+    /// The value in `lr` (so setting the same one again costs nothing).
+    lr_value: f64,
     loss_sum: Tensor,
     max_grad: f64,
     weight_decay: f64,
@@ -73,6 +75,7 @@ impl TrainStep {
             y: Tensor::zeros([t, b], (Kind::Int64, device)),
             state,
             lr: Tensor::from(cfg.lr).to_kind(kind).to_device(device),
+            lr_value: cfg.lr,
             loss_sum: Tensor::zeros([], (Kind::Double, device)),
             max_grad: cfg.max_grad,
             weight_decay: cfg.weight_decay,
@@ -105,10 +108,14 @@ impl TrainStep {
         matches!(self.mode, Mode::Graph { .. })
     }
 
+    /// Sets the learning rate the next steps use (a device scalar; unchanged: no work).
     pub fn set_lr(&mut self, lr: f64) {
-        tch::no_grad(|| {
-            let _ = self.lr.fill_(lr);
-        });
+        if lr.to_bits() != self.lr_value.to_bits() {
+            tch::no_grad(|| {
+                let _ = self.lr.fill_(lr);
+            });
+            self.lr_value = lr;
+        }
     }
 
     /// Runs one step on `(x, y)` (each (T, B)). Dropout draws come from libtorch's global
@@ -129,7 +136,7 @@ impl TrainStep {
                 self.compute();
             }
             Mode::Graph { graph, warmed } => {
-                let device = device_index(self.model.device());
+                let device = crate::device::index(self.model.device());
                 if graph.is_none() {
                     *graph = Some(CudaGraph::new(device)?);
                 }
@@ -399,12 +406,5 @@ fn copies(ts: &[Tensor]) -> Vec<Tensor> {
 fn copy_into(dst: &[Tensor], src: &[Tensor]) {
     for (d, s) in dst.iter().zip(src) {
         d.shallow_clone().copy_(s);
-    }
-}
-
-pub fn device_index(device: Device) -> usize {
-    match device {
-        Device::Cuda(i) => i,
-        _ => 0,
     }
 }

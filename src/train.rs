@@ -9,7 +9,7 @@
 
 use crate::checkpoint::{self, Checkpoint, Meta, Resume};
 use crate::config::Config;
-use crate::data::{self, Batches, Ptb};
+use crate::data::{self, Batches, Corpus, Split};
 use crate::device;
 use crate::eval;
 use crate::failpoint;
@@ -150,18 +150,19 @@ pub struct Summary {
 
 /// Starts a new run of `cfg`. Everything that can be checked is checked before the run
 /// directory is touched: the corpus, every split against its batch size, the memory.
-pub fn train(cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Summary> {
+pub fn train(mut cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Summary> {
     let device = device::resolve(cfg.run.device)?;
     let run = RunDir::new(&cfg.run.out_dir);
-    let ptb = load_corpus(&cfg)?;
-    let splits = Splits::new(&ptb, &cfg, device)?;
+    let corpus = load_corpus(&mut cfg)?;
+    let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
     let _lock = run.lock()?;
     run.prepare_fresh(&cfg, opts.overwrite)?;
+    run.write_corpus(&corpus.info)?;
     failpoint::pause("setup");
     tch::manual_seed(cfg.train.seed as i64);
     let model = LstmLm::new(&cfg.model, device, Kind::Float)?;
-    Session::new(cfg, ptb, splits, model, device, run, opts, None)?.run(stop)
+    Session::new(cfg, corpus, splits, model, device, run, opts, None)?.run(stop)
 }
 
 /// Continues the run in `run_dir` from its `last/` checkpoint. `overrides` may change only
@@ -187,7 +188,7 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
     let Some(position) = ckpt.meta.resume.clone() else {
         bail!("{}: this checkpoint is not resumable (no training position)", last.display());
     };
-    let cfg = resumed_config(&ckpt.meta.config, overrides, run_dir)?;
+    let mut cfg = resumed_config(&ckpt.meta.config, overrides, run_dir)?;
     if position.epoch >= cfg.train.epochs {
         bail!(
             "{}: the run already finished {} epochs (train.epochs = {}); train further with --epochs N, N > {}",
@@ -198,19 +199,13 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
         );
     }
     let device = device::resolve(cfg.run.device)?;
-    let ptb = load_corpus(&cfg)?;
-    if ptb.vocab.words() != ckpt.meta.vocab.as_slice() {
-        bail!(
-            "{}: its vocabulary differs from the checkpoint's ({}): not the corpus this run was trained on",
-            data::split_file(&cfg.data.dir, "train").display(),
-            last.display()
-        );
-    }
-    let splits = Splits::new(&ptb, &cfg, device)?;
+    let corpus = load_corpus(&mut cfg)?;
+    data::check_vocab(&corpus.vocab, &ckpt.vocab()?, &corpus.file(Split::Train), &last)?;
+    let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
     let model = ckpt.model(device)?;
     run.write_config(&cfg)?;
-    Session::new(cfg, ptb, splits, model, device, run, opts, Some(ckpt))?.run(stop)
+    Session::new(cfg, corpus, splits, model, device, run, opts, Some(ckpt))?.run(stop)
 }
 
 /// The saved config with `overrides` applied, refused when they change what is computed.
@@ -226,11 +221,16 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
             run_dir.display()
         );
     }
-    let allowed = ["train.epochs", "run.device", "data.dir", "train.max_nan_restarts", "train.cuda_graph"];
+    let allowed =
+        ["train.epochs", "run.device", "data.dir/file/train/valid/test", "train.max_nan_restarts", "train.cuda_graph"];
     let mut probe = cfg.clone();
     probe.train.epochs = old.train.epochs;
     probe.run.device = old.run.device;
     probe.data.dir = old.data.dir.clone();
+    probe.data.file = old.data.file.clone();
+    probe.data.train = old.data.train.clone();
+    probe.data.valid = old.data.valid.clone();
+    probe.data.test = old.data.test.clone();
     probe.train.max_nan_restarts = old.train.max_nan_restarts;
     probe.train.cuda_graph = old.train.cuda_graph;
     if &probe != old {
@@ -241,17 +241,20 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
     Ok(cfg)
 }
 
-fn load_corpus(cfg: &Config) -> Result<Ptb> {
-    let ptb = Ptb::load(&cfg.data.dir)?;
-    if ptb.vocab.len() as i64 != cfg.model.vocab_size {
-        bail!(
-            "{} gives a vocabulary of {} words, but model.vocab_size is {}",
-            data::split_file(&cfg.data.dir, "train").display(),
-            ptb.vocab.len(),
-            cfg.model.vocab_size
-        );
+/// Reads the corpus of `cfg` and settles `model.vocab_size`: taken from the corpus when left
+/// out, checked against it when set.
+fn load_corpus(cfg: &mut Config) -> Result<Corpus> {
+    let corpus = Corpus::load(&cfg.data)?;
+    let n = corpus.vocab.len() as i64;
+    match cfg.model.vocab_size {
+        None => cfg.model.vocab_size = Some(n),
+        Some(v) if v != n => bail!(
+            "{} gives a vocabulary of {n} words, but model.vocab_size is {v} (leave it out to take the corpus's)",
+            corpus.file(Split::Train).display(),
+        ),
+        Some(_) => {}
     }
-    Ok(ptb)
+    Ok(corpus)
 }
 
 /// Refuses, before anything is allocated, a model whose training cannot fit the device.
@@ -282,22 +285,13 @@ struct Splits {
 }
 
 impl Splits {
-    fn new(ptb: &Ptb, cfg: &Config, device: Device) -> Result<Splits> {
-        let (t, d) = (&cfg.train, &cfg.data);
-        let cut = |split: &str, corpus: &[i64], limit: Option<usize>, batch: i64, key: &str| {
-            let limit_note = limit.map_or(String::new(), |n| format!(", data.{split}_tokens = {n}"));
-            Batches::new(data::truncate(corpus, limit), batch, t.bptt, device).with_context(|| {
-                format!(
-                    "{} ({split} split, {key} = {batch}, train.bptt = {}{limit_note})",
-                    data::split_file(&d.dir, split).display(),
-                    t.bptt
-                )
-            })
-        };
+    fn new(corpus: &Corpus, cfg: &Config, device: Device) -> Result<Splits> {
+        let t = &cfg.train;
+        let (train, eval) = ((t.batch_size, "train.batch_size"), (t.eval_batch_size, "train.eval_batch_size"));
         Ok(Splits {
-            train: cut("train", &ptb.train, d.train_tokens, t.batch_size, "train.batch_size")?,
-            valid: cut("valid", &ptb.valid, d.valid_tokens, t.eval_batch_size, "train.eval_batch_size")?,
-            test: cut("test", &ptb.test, d.test_tokens, t.eval_batch_size, "train.eval_batch_size")?,
+            train: corpus.batches(Split::Train, &cfg.data, train, t.bptt, device)?,
+            valid: corpus.batches(Split::Valid, &cfg.data, eval, t.bptt, device)?,
+            test: corpus.batches(Split::Test, &cfg.data, eval, t.bptt, device)?,
         })
     }
 }
@@ -313,7 +307,7 @@ struct Sound {
 
 struct Session {
     cfg: Config,
-    ptb: Ptb,
+    corpus: Corpus,
     device: Device,
     run: RunDir,
     step: TrainStep,
@@ -335,7 +329,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: Config,
-        ptb: Ptb,
+        corpus: Corpus,
         splits: Splits,
         model: LstmLm,
         device: Device,
@@ -360,11 +354,10 @@ impl Session {
                 (pos, records)
             }
         };
-        step.set_lr(schedule.lr);
         Ok(Session {
             reporter: Reporter::new(opts.quiet),
             cfg,
-            ptb,
+            corpus,
             device,
             run,
             step,
@@ -380,7 +373,7 @@ impl Session {
     }
 
     fn vocab_size(&self) -> i64 {
-        self.cfg.model.vocab_size
+        self.cfg.model.vocab()
     }
 
     /// Whether to stop: a signal, or nobody reads stdout any more.
@@ -419,6 +412,7 @@ impl Session {
 
     fn announce(&self) {
         if !self.resumed {
+            self.reporter.line(&self.corpus.describe());
             let how = self.step.describe();
             self.reporter.line(&format!(
                 "training {} parameters on {} ({}), {} batches of {}x{} per epoch{}{}",
@@ -464,9 +458,7 @@ impl Session {
             self.pos.loss_batches = 0;
             self.pos.seconds = 0.0;
         }
-        if let Device::Cuda(i) = self.device {
-            crate::cuda::reset_peak(i);
-        }
+        device::reset_peak(self.device);
         self.step.snapshot();
         let mut sound = Sound { batch: self.pos.batch, loss_sum: self.pos.loss_sum, counted: self.pos.loss_batches };
         let mut counted = sound.counted;
@@ -517,6 +509,8 @@ impl Session {
     fn run_step(&mut self, k: usize) -> Result<()> {
         let (x, y) = self.splits.train.get(k);
         let seed = step_seed(self.cfg.train.seed, self.pos.epoch, k);
+        // The schedule decides the learning rate; this is the one place it reaches the step.
+        self.step.set_lr(self.schedule.lr);
         if let Err(e) = self.step.run(&x, &y, seed) {
             if !self.step.uses_graph() {
                 return Err(e);
@@ -580,7 +574,6 @@ impl Session {
         self.step.reset_loss_sum(sound.loss_sum);
         let divisor = self.cfg.train.nan_lr_divisor();
         self.schedule.lr /= divisor;
-        self.step.set_lr(self.schedule.lr);
         let what = if !mean_loss.is_finite() {
             "loss not finite".to_string()
         } else if diverged(mean_loss, self.vocab_size()) {
@@ -638,22 +631,19 @@ impl Session {
                 self.run.root.display()
             );
         }
-        let history = self.pos.valid_history.clone();
         let averaging = self.step.averaging();
-        let improved = self.schedule.observe(valid_ppl, averaging);
+        let start_averaging = self.cfg.train.asgd
+            && !averaging
+            && asgd_should_start(&self.pos.valid_history, valid_ppl, self.cfg.train.asgd_nonmono);
+        // Averaging keeps the learning rate from the epoch it starts on.
+        let improved = self.schedule.observe(valid_ppl, averaging || start_averaging);
         self.pos.valid_history.push(valid_ppl);
         if improved {
-            self.pos.best_epoch = Some(epoch + 1);
             self.save_best(valid_ppl)?;
-        } else if !averaging {
-            self.step.set_lr(self.schedule.lr);
         }
         let mut note = String::new();
-        if self.cfg.train.asgd && !averaging && asgd_should_start(&history, valid_ppl, self.cfg.train.asgd_nonmono) {
+        if start_averaging {
             self.step.start_averaging(None);
-            // Averaging keeps the learning rate: undo this epoch's decay.
-            self.schedule.lr = lr_used;
-            self.step.set_lr(lr_used);
             note = " | averaging from now on".to_string();
         }
         let record = EpochRecord {
@@ -715,7 +705,7 @@ impl Session {
             format: checkpoint::FORMAT,
             ptb_lm_version: env!("CARGO_PKG_VERSION").to_string(),
             config: self.cfg.clone(),
-            vocab: self.ptb.vocab.words().to_vec(),
+            vocab: self.corpus.vocab.words().to_vec(),
             epoch: self.pos.epoch,
             lr: self.schedule.lr,
             valid_ppl,

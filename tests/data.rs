@@ -3,13 +3,13 @@
 mod common;
 
 use common::*;
-use ptb_lm::data::{Batches, Ptb, EOS};
+use ptb_lm::data::{Batches, Corpus, EOS};
 use std::process::Command;
 use tch::Device;
 
 #[test]
 fn real_ptb_has_the_books_sizes_and_order() {
-    let ptb = Ptb::load(&ptb_dir()).unwrap();
+    let ptb = Corpus::open(&ptb_dir()).unwrap();
     assert_eq!(ptb.vocab.len(), 10_000);
     assert_eq!(ptb.train.len(), 929_589);
     assert_eq!(ptb.valid.len(), 73_760);
@@ -29,7 +29,7 @@ fn real_ptb_has_the_books_sizes_and_order() {
 
 #[test]
 fn training_batches_cover_the_corpus_like_the_book() {
-    let ptb = Ptb::load(&ptb_dir()).unwrap();
+    let ptb = Corpus::open(&ptb_dir()).unwrap();
     let b = Batches::new(&ptb.train, 20, 35, Device::Cpu).unwrap();
     // max_iters = (929589 - 1) // (20 * 35)
     assert_eq!(b.len(), 1327);
@@ -116,7 +116,7 @@ fn download_script_copies_verifies_and_is_idempotent() {
     let o = download(&["--from", src.to_str().unwrap(), "--dest", dest.to_str().unwrap()]);
     assert!(o.status.success());
     assert_eq!(stderr(&o), "");
-    assert_eq!(Ptb::load(&dest).unwrap().train.len(), 929_589);
+    assert_eq!(Corpus::open(&dest).unwrap().train.len(), 929_589);
 }
 
 #[test]

@@ -30,7 +30,7 @@ fn new_step(cfg: &Config, graph: bool) -> TrainStep {
 fn batches(cfg: &Config, n: usize) -> Tensor {
     tch::manual_seed(8);
     let (t, b) = (cfg.train.bptt, cfg.train.batch_size);
-    Tensor::randint(cfg.model.vocab_size, [n as i64 + 1, t, b], (Kind::Int64, Device::Cuda(0)))
+    Tensor::randint(cfg.model.vocab(), [n as i64 + 1, t, b], (Kind::Int64, Device::Cuda(0)))
 }
 
 /// Runs `steps` SGD steps on fixed random batches and returns (loss sum, weights).

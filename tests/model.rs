@@ -46,7 +46,7 @@ fn gradient_check(cfg: &ModelConfig) {
     tch::manual_seed(11);
     let model = LstmLm::new(cfg, Device::Cpu, Kind::Double).unwrap();
     randomize(&model, 0.5);
-    let (x, y) = (ids(5, 2, cfg.vocab_size, 1), ids(5, 2, cfg.vocab_size, 2));
+    let (x, y) = (ids(5, 2, cfg.vocab(), 1), ids(5, 2, cfg.vocab(), 2));
     loss(&model, &x, &y).backward();
     let eps = 1e-6;
     for (name, p) in model.named_parameters() {

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use ptb_lm::checkpoint::Checkpoint;
 use ptb_lm::config::Config;
-use ptb_lm::data::{self, Batches, Ptb};
+use ptb_lm::data::{self, Batches, Corpus};
 use ptb_lm::eval::perplexity;
 use ptb_lm::model::LstmLm;
 use tch::{Device, Kind};
@@ -18,7 +18,7 @@ fn perplexity_falls_far_below_the_untrained_model_and_reloads_exactly() {
     let cfg = Config::load(&cfg_path, &[]).unwrap();
 
     // Untrained: about the vocabulary size.
-    let ptb = Ptb::load(&ptb_dir()).unwrap();
+    let ptb = Corpus::open(&ptb_dir()).unwrap();
     let valid = Batches::new(data::truncate(&ptb.valid, cfg.data.valid_tokens), 10, 20, Device::Cpu).unwrap();
     tch::manual_seed(3);
     let untrained = perplexity(&LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap(), &valid);
@@ -53,13 +53,14 @@ fn perplexity_falls_far_below_the_untrained_model_and_reloads_exactly() {
     let o = s.run(&["eval", "--checkpoint", "run/best", "--device", "cpu"]);
     assert!(stdout(&o).starts_with("test perplexity: "), "{}", stdout(&o));
 
-    // A user's text of any length is scored whole: one sentence is 3 predicted tokens
-    // (company, said, <eos>), and the trained model finds it likelier than uniform.
+    // A user's text of any length is scored whole, from the start of a sentence: one
+    // sentence is 4 predicted tokens (the, company, said, <eos>), and the trained model finds
+    // it likelier than uniform.
     std::fs::write(s.path("one.txt"), "the company said\n").unwrap();
     let o = s.run(&["eval", "--checkpoint", "run/best", "--file", "one.txt", "--device", "cpu"]);
     assert_success(&o);
     let out = stdout(&o);
-    assert!(out.starts_with("one.txt perplexity: ") && out.contains("(3 tokens"), "{out}");
+    assert!(out.starts_with("one.txt perplexity: ") && out.contains("(4 tokens"), "{out}");
     let ppl: f64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(ppl.is_finite() && ppl < 10_000.0, "{out}");
     std::fs::write(s.path("empty.txt"), "\n").unwrap();
