@@ -396,6 +396,9 @@ fn split_text(text: &str, valid_fraction: f64, test_fraction: f64, file: &Path) 
     Ok([join(0..valid_start), join(valid_start..test_start), join(test_start..lines.len())])
 }
 
+/// The text of each split that was read (train, valid, test).
+type SplitTexts = [Option<String>; 3];
+
 /// What a corpus holds, as recorded in a run (`corpus.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct CorpusInfo {
@@ -476,7 +479,7 @@ impl Corpus {
     }
 
     /// The texts of `want` (others None), and for a single file where it was split.
-    fn texts(layout: &Layout, cfg: &DataConfig, want: &[Split]) -> Result<([Option<String>; 3], Option<[usize; 2]>)> {
+    fn texts(layout: &Layout, cfg: &DataConfig, want: &[Split]) -> Result<(SplitTexts, Option<[usize; 2]>)> {
         let hint = layout.hint();
         match layout {
             Layout::Single { file, valid_fraction, test_fraction } => {
