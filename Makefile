@@ -4,16 +4,19 @@
 #
 # Variables: CONFIG (default configs/better.toml), ARGS (extra `ptb-lm train` arguments,
 # e.g. ARGS=--overwrite), PTB_DIR (default data/ptb), PTB_SOURCE (a local directory holding
-# the PTB files instead of the network; see scripts/download_ptb.sh).
+# the PTB files instead of the network; see scripts/download_ptb.sh), SHAKESPEARE_DIR and
+# SHAKESPEARE_SOURCE (the same for Tiny Shakespeare, which the tests and
+# configs/shakespeare.toml read).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CONFIG ?= configs/better.toml
 ARGS ?=
 PTB_DIR ?= data/ptb
+SHAKESPEARE_DIR ?= data/tinyshakespeare
 ENV := source scripts/env.sh &&
 
-.PHONY: train test setup data build bench
+.PHONY: train test setup data shakespeare build bench
 .DEFAULT_GOAL := train
 
 setup:
@@ -21,6 +24,10 @@ setup:
 
 data:
 	@scripts/download_ptb.sh --dest $(PTB_DIR)
+	@if grep -q tinyshakespeare $(CONFIG); then scripts/download_shakespeare.sh --dest $(SHAKESPEARE_DIR); fi
+
+shakespeare:
+	@scripts/download_shakespeare.sh --dest $(SHAKESPEARE_DIR)
 
 build: setup
 	@$(ENV) cargo build --release
@@ -28,10 +35,10 @@ build: setup
 train: data build
 	@$(ENV) cargo run --release --quiet -- train --config $(CONFIG) $(ARGS)
 
-test: data setup
+test: data shakespeare setup
 	@$(ENV) cargo fmt --check
 	@$(ENV) cargo clippy --release --all-targets --quiet -- -D warnings
-	@$(ENV) PTB_DIR=$(PTB_DIR) cargo test --release
+	@$(ENV) PTB_DIR=$(PTB_DIR) SHAKESPEARE_DIR=$(SHAKESPEARE_DIR) cargo test --release
 	@$(ENV) cargo run --release --quiet --example sine -- --out target/sine.png
 
 # Side-by-side speed against plain PyTorch (bench/bench.py; needs the GPU for the GPU table).

@@ -87,21 +87,27 @@ impl Vocab {
 
     /// Words seen at least `min_count` times, at most `max_vocab` of them (the most frequent;
     /// ties: the first seen), ids in order of first appearance. `<eos>` is always kept; when a
-    /// word is left out, `<unk>` is in the vocabulary (and counts toward `max_vocab`).
+    /// word is left out, or `with_unk`, `<unk>` is in the vocabulary (and counts toward
+    /// `max_vocab`).
     pub fn build_capped<'a>(
         words: impl IntoIterator<Item = &'a str>,
         max_vocab: Option<usize>,
         min_count: usize,
+        with_unk: bool,
     ) -> Vocab {
         let all = Vocab::build_counted(words);
         let (order, mut counts) = (&all.0.words, all.1);
-        if let Some(eos) = all.0.id(EOS) {
-            counts[eos as usize] = usize::MAX;
+        // <eos> always stays, and so does a literal <unk> of the text.
+        for w in [EOS, UNK] {
+            if let Some(id) = all.0.id(w) {
+                counts[id as usize] = usize::MAX;
+            }
         }
         let mut keep: Vec<usize> = (0..order.len()).filter(|&i| counts[i] >= min_count).collect();
-        let dropped = |kept: usize| kept < order.len();
+        let need_unk = all.0.id(UNK).is_none()
+            && (with_unk || keep.len() < order.len() || max_vocab.is_some_and(|m| keep.len() > m));
         if let Some(max) = max_vocab {
-            let room = if dropped(keep.len()) || keep.len() > max { max.saturating_sub(1) } else { max };
+            let room = if need_unk { max.saturating_sub(1) } else { max };
             if keep.len() > room {
                 keep.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
                 keep.truncate(room);
@@ -112,7 +118,7 @@ impl Vocab {
         for &i in &keep {
             v.add(&order[i]);
         }
-        if dropped(keep.len()) {
+        if need_unk {
             v.add(UNK);
         }
         v
@@ -432,7 +438,7 @@ impl Corpus {
         let layout = Layout::of(cfg)?;
         let (texts, split_lines) = Corpus::texts(&layout, cfg, &Split::ALL)?;
         let train_text = texts[0].as_deref().expect("train was read");
-        let vocab = Corpus::vocabulary(train_text, cfg);
+        let vocab = Corpus::vocabulary(train_text, cfg, &layout);
         if vocab.is_empty() {
             bail!("{}: the training split has no words", layout.file(Split::Train).display());
         }
@@ -441,7 +447,8 @@ impl Corpus {
         let mut replaced = [0; 3];
         for (i, split) in Split::ALL.into_iter().enumerate() {
             let text = texts[i].as_deref().expect("every split was read");
-            let (v, r) = vocab.encode_counted(text, &layout.file(split), lenient && split != Split::Train)?;
+            // Training words left out of a capped vocabulary are <unk> by design.
+            let (v, r) = vocab.encode_counted(text, &layout.file(split), lenient || split == Split::Train)?;
             if v.iter().all(|&t| Some(t) == vocab.id(EOS)) {
                 bail!("{}: the {split} split has no words", layout.file(split).display());
             }
@@ -471,11 +478,11 @@ impl Corpus {
             if train_there && split != Split::Train { vec![Split::Train, split] } else { vec![split] };
         let (texts, _) = Corpus::texts(&layout, cfg, &want)?;
         if let Some(train) = texts[0].as_deref().filter(|_| train_there) {
-            check_vocab(&Corpus::vocabulary(train, cfg), vocab, &layout.file(Split::Train), checkpoint)?;
+            check_vocab(&Corpus::vocabulary(train, cfg, &layout), vocab, &layout.file(Split::Train), checkpoint)?;
         }
         let i = Split::ALL.iter().position(|&s| s == split).expect("a split");
         let text = texts[i].as_deref().expect("the split was read");
-        vocab.encode_counted(text, &layout.file(split), !layout.closed_vocabulary() && split != Split::Train)
+        vocab.encode_counted(text, &layout.file(split), !layout.closed_vocabulary() || split == Split::Train)
     }
 
     /// The texts of `want` (others None), and for a single file where it was split.
@@ -500,11 +507,18 @@ impl Corpus {
         }
     }
 
-    fn vocabulary(train: &str, cfg: &DataConfig) -> Vocab {
+    /// The vocabulary of the training split. Outside a closed (PTB) vocabulary it always has
+    /// `<unk>`, which valid and test words the training split lacks are read as.
+    fn vocabulary(train: &str, cfg: &DataConfig, layout: &Layout) -> Vocab {
+        let open = !layout.closed_vocabulary();
         if cfg.max_vocab.is_none() && cfg.min_count <= 1 {
-            Vocab::build(tokens(train))
+            let mut v = Vocab::build(tokens(train));
+            if open {
+                v.add(UNK);
+            }
+            v
         } else {
-            Vocab::build_capped(tokens(train), cfg.max_vocab, cfg.min_count)
+            Vocab::build_capped(tokens(train), cfg.max_vocab, cfg.min_count, open)
         }
     }
 
@@ -687,16 +701,18 @@ mod tests {
     #[test]
     fn a_capped_vocabulary_keeps_the_most_frequent_words_and_adds_unk() {
         let text = "a b b c c c\nd d d d\n";
-        let v = Vocab::build_capped(tokens(text), Some(4), 1);
+        let v = Vocab::build_capped(tokens(text), Some(4), 1, false);
         // <eos> twice, d 4, c 3, b 2, a 1: keep d, c, <eos> (3 = 4 - 1 for <unk>), in order of first appearance.
         assert_eq!(v.words(), ["c", EOS, "d", UNK]);
         // min_count 3 keeps c and d, and <eos> always.
-        let v = Vocab::build_capped(tokens(text), None, 3);
+        let v = Vocab::build_capped(tokens(text), None, 3, false);
         assert_eq!(v.words(), ["c", EOS, "d", UNK]);
         let (ids, replaced) = v.encode_counted("a c\nzz\n", Path::new("x"), true).unwrap();
         assert_eq!((ids, replaced), (vec![3, 0, 1, 3, 1], 2));
         // Nothing left out: no <unk> added.
-        assert_eq!(Vocab::build_capped(tokens("a b\n"), Some(10), 1).words(), ["a", "b", EOS]);
+        assert_eq!(Vocab::build_capped(tokens("a b\n"), Some(10), 1, false).words(), ["a", "b", EOS]);
+        // Asked for <unk>, a full vocabulary makes room for it.
+        assert_eq!(Vocab::build_capped(tokens("a b b\n"), Some(3), 1, true).words(), ["b", EOS, UNK]);
     }
 
     #[test]

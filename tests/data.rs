@@ -144,3 +144,26 @@ fn download_script_names_a_missing_source_file() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("ptb.train.txt: no such file"), "{}", stderr(&o));
 }
+
+#[test]
+fn eval_of_one_split_needs_only_that_file_and_the_training_one() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    assert_success(&s.run(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]));
+    copy_ptb(&s.path("two"));
+    std::fs::remove_file(s.path("two/ptb.test.txt")).unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--split", "valid", "--data-dir", "two", "--device", "cpu"]);
+    assert_success(&o);
+    // The checkpoint's caps apply, and the output says so.
+    assert!(
+        stdout(&o).contains("its first 6000 tokens, as data.valid_tokens of the checkpoint's config"),
+        "{}",
+        stdout(&o)
+    );
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--split", "test", "--data-dir", "two", "--device", "cpu"]);
+    assert_one_line_error(&o, &["two/ptb.test.txt: file not found", "download_ptb.sh"]);
+    // A --file that is not there is not a corpus problem.
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--file", "nope.txt", "--device", "cpu"]);
+    assert_one_line_error(&o, &["nope.txt: file not found"]);
+    assert!(!stderr(&o).contains("download"), "{}", stderr(&o));
+}

@@ -20,6 +20,21 @@ pub fn ptb_dir() -> PathBuf {
     dir.canonicalize().unwrap()
 }
 
+/// Tiny Shakespeare's one raw file: $SHAKESPEARE_DIR/input.txt, else
+/// data/tinyshakespeare/input.txt in the repository (`make test` and `.ci/run` put it there with
+/// scripts/download_shakespeare.sh).
+pub fn shakespeare_file() -> PathBuf {
+    let dir =
+        std::env::var_os("SHAKESPEARE_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("data/tinyshakespeare"));
+    let file = dir.join("input.txt");
+    assert!(
+        file.exists(),
+        "Tiny Shakespeare is needed at {} (run scripts/download_shakespeare.sh, or set SHAKESPEARE_DIR)",
+        file.display()
+    );
+    file.canonicalize().unwrap()
+}
+
 /// The checkout under test. Read when the test runs (cargo sets it then too), not baked in at
 /// compile time: with a shared CARGO_TARGET_DIR, a test binary may have been compiled in
 /// another clone.

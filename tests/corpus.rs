@@ -1,0 +1,178 @@
+//! Corpora that are not PTB: every accepted layout trains, text is read as users mean it, and
+//! bad corpora are one-line errors naming the file or key.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// The first `lines` lines of Tiny Shakespeare.
+fn shakespeare(lines: usize) -> String {
+    let text = std::fs::read_to_string(shakespeare_file()).unwrap();
+    text.lines().take(lines).flat_map(|l| [l, "\n"]).collect()
+}
+
+/// (train, valid, test) of the first 6000 lines: 4800 / 600 / 600.
+fn three_parts() -> [String; 3] {
+    let text = shakespeare(6000);
+    let lines: Vec<&str> = text.lines().collect();
+    let join = |r: std::ops::Range<usize>| lines[r].iter().flat_map(|l| [*l, "\n"]).collect::<String>();
+    [join(0..4800), join(4800..5400), join(5400..6000)]
+}
+
+/// A tiny config reading the corpus described by `data` (TOML lines of [data]).
+fn config(s: &Sandbox, name: &str, data: &str) -> String {
+    let text = format!(
+        "[data]\n{data}\n\n[model]\nwordvec_size = 24\nhidden_size = 24\nnum_layers = 1\ntie_weights = true\n\n\
+         [train]\nbatch_size = 10\nbptt = 20\nlr = 20.0\nmax_grad = 0.25\nepochs = 1\n\n[run]\nout_dir = \"run-{name}\"\ndevice = \"cpu\"\n"
+    );
+    std::fs::write(s.path(&format!("{name}.toml")), text).unwrap();
+    format!("{name}.toml")
+}
+
+fn write_dir(dir: &Path, names: [&str; 3], parts: &[String; 3]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (n, t) in names.iter().zip(parts) {
+        std::fs::write(dir.join(n), t).unwrap();
+    }
+}
+
+fn corpus_json(s: &Sandbox, run: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(s.path(&format!("{run}/corpus.json"))).unwrap()).unwrap()
+}
+
+#[test]
+fn a_corpus_that_is_not_ptb_trains_through_each_layout() {
+    let s = Sandbox::new();
+    let parts = three_parts();
+    write_dir(&s.path("plain"), ["train.txt", "valid.txt", "test.txt"], &parts);
+    write_dir(&s.path("wiki"), ["wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"], &parts);
+    write_dir(&s.path("files"), ["a.txt", "b.txt", "c.txt"], &parts);
+    std::fs::write(s.path("one.txt"), shakespeare(6000)).unwrap();
+    let layouts = [
+        ("plain", "dir = \"plain\"", "dir"),
+        ("wiki", "dir = \"wiki\"", "dir"),
+        ("files", "train = \"files/a.txt\"\nvalid = \"files/b.txt\"\ntest = \"files/c.txt\"", "files"),
+        ("single", "file = \"one.txt\"\nvalid_fraction = 0.1\ntest_fraction = 0.1", "single"),
+    ];
+    for (name, data, layout) in layouts {
+        let cfg = config(&s, name, data);
+        let o = s.run(&["train", "--config", &cfg]);
+        assert_success(&o);
+        let run = format!("run-{name}");
+        let info = corpus_json(&s, &run);
+        assert!(info["layout"].get(layout).is_some(), "{name}: {info}");
+        let vocab = info["vocab_size"].as_u64().unwrap() as f64;
+        let ppl = valid_ppls(&s.path(&run))[0];
+        assert!(ppl.is_finite() && ppl < vocab / 4.0, "{name}: valid ppl {ppl} with {vocab} words");
+        assert!(stdout(&o).contains("corpus "), "{}", stdout(&o));
+        // The vocabulary comes from the corpus, and is saved with the checkpoint.
+        let ckpt = ptb_lm::checkpoint::Checkpoint::load(&s.path(&format!("{run}/best"))).unwrap();
+        assert_eq!(ckpt.meta.vocab.len() as f64, vocab);
+        assert_eq!(ckpt.meta.config.model.vocab_size, Some(vocab as i64));
+    }
+    // The single file: split at line ends, test last; recorded in the run.
+    let info = corpus_json(&s, "run-single");
+    let [valid_line, test_line] = [info["split_lines"][0].as_u64().unwrap(), info["split_lines"][1].as_u64().unwrap()];
+    assert!(4700 < valid_line && valid_line < test_line && test_line < 5500, "{info}");
+    // eval and generate work on such a checkpoint unchanged.
+    for split in ["test", "valid", "train"] {
+        let o = s.run(&["eval", "--checkpoint", "run-single/best", "--split", split, "--device", "cpu"]);
+        assert_success(&o);
+        assert!(stdout(&o).starts_with(&format!("{split} perplexity: ")), "{}", stdout(&o));
+    }
+    std::fs::write(s.path("mine.txt"), "First Citizen:\nSpeak, speak.\n").unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run-single/best", "--file", "mine.txt", "--device", "cpu"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("(6 tokens"), "{}", stdout(&o));
+    let o = s.run(&["generate", "--checkpoint", "run-single/best", "--prompt", "First Citizen:", "--words", "20"]);
+    assert_success(&o);
+    assert!(stdout(&o).starts_with("First Citizen:"), "{}", stdout(&o));
+}
+
+#[test]
+fn text_is_read_as_users_mean_it() {
+    let s = Sandbox::new();
+    let mut parts = three_parts();
+    parts[0].insert(0, '\u{feff}');
+    write_dir(&s.path("c"), ["train.txt", "valid.txt", "test.txt"], &parts);
+    let cfg = config(&s, "bom", "dir = \"c\"\nmin_count = 2");
+    assert_success(&s.run(&["train", "--config", &cfg]));
+    let ckpt = ptb_lm::checkpoint::Checkpoint::load(&s.path("run-bom/best")).unwrap();
+    assert_eq!(ckpt.meta.vocab[0], "First", "a byte-order mark is not part of the first word");
+    assert!(ckpt.meta.vocab.iter().all(|w| !w.contains('\u{feff}')));
+    assert!(ckpt.meta.vocab.iter().any(|w| w == "<unk>"), "min_count 2 leaves words out");
+    // A file with a BOM is scored from its first word, after <eos>, as in training.
+    std::fs::write(s.path("bom.txt"), "\u{feff}First Citizen:\n").unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run-bom/best", "--file", "bom.txt", "--device", "cpu"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("(3 tokens"), "First, Citizen:, <eos>: {}", stdout(&o));
+    // --allow-unk says how many words it replaced; a blank line is one <eos>.
+    std::fs::write(s.path("unk.txt"), "First zyxwv Citizen: qqqq\n\n").unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run-bom/best", "--file", "unk.txt", "--device", "cpu", "--allow-unk"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("(6 tokens") && stdout(&o).contains("2 words read as <unk>"), "{}", stdout(&o));
+    // Lower-casing applies to the corpus and to a scored file alike.
+    let cfg = config(&s, "lower", "dir = \"c\"\nlowercase = true");
+    assert_success(&s.run(&["train", "--config", &cfg]));
+    let ckpt = ptb_lm::checkpoint::Checkpoint::load(&s.path("run-lower/best")).unwrap();
+    assert!(ckpt.meta.vocab.iter().all(|w| w.to_lowercase() == *w));
+    let o = s.run(&["eval", "--checkpoint", "run-lower/best", "--file", "bom.txt", "--device", "cpu"]);
+    assert_success(&o);
+}
+
+#[test]
+fn a_vocabulary_can_be_capped_and_its_size_is_checked() {
+    let s = Sandbox::new();
+    write_dir(&s.path("c"), ["train.txt", "valid.txt", "test.txt"], &three_parts());
+    let cfg = config(&s, "cap", "dir = \"c\"\nmax_vocab = 500");
+    let o = s.run(&["train", "--config", &cfg]);
+    assert_success(&o);
+    let info = corpus_json(&s, "run-cap");
+    assert_eq!(info["vocab_size"].as_u64(), Some(500));
+    assert!(info["unk_replaced"][1].as_u64().unwrap() > 0, "valid words outside the vocabulary are <unk>: {info}");
+    let o = s.run(&["train", "--config", &cfg, "--overwrite", "--set", "model.vocab_size=400"]);
+    assert_one_line_error(&o, &["c/train.txt gives a vocabulary of 500 words, but model.vocab_size is 400"]);
+}
+
+#[test]
+fn bad_corpora_are_one_line_errors_naming_the_file_or_key() {
+    let s = Sandbox::new();
+    let parts = three_parts();
+    write_dir(
+        &s.path("empty"),
+        ["train.txt", "valid.txt", "test.txt"],
+        &[parts[0].clone(), String::new(), parts[2].clone()],
+    );
+    write_dir(
+        &s.path("blank"),
+        ["train.txt", "valid.txt", "test.txt"],
+        &[parts[0].clone(), "\n\n\n".into(), parts[2].clone()],
+    );
+    write_dir(&s.path("odd"), ["a.txt", "b.txt", "c.txt"], &parts);
+    write_dir(
+        &s.path("short"),
+        ["train.txt", "valid.txt", "test.txt"],
+        &[parts[0].clone(), parts[1].clone(), "a few words\n".into()],
+    );
+    std::fs::write(s.path("tiny.txt"), "one line only\n").unwrap();
+    std::fs::write(s.path("latin1.txt"), b"caf\xe9 au lait\n").unwrap();
+    let cases: [(&str, &[&str]); 10] = [
+        ("dir = \"empty\"", &["empty/valid.txt: file is empty"]),
+        ("dir = \"blank\"", &["blank/valid.txt: the valid split has no words"]),
+        ("dir = \"odd\"", &["odd: no training split here", "data.file"]),
+        ("dir = \"nowhere\"", &["nowhere: no such directory"]),
+        ("dir = \"short\"", &["short/test.txt (test split, train.eval_batch_size = 10, train.bptt = 20)", "too short"]),
+        ("file = \"tiny.txt\"", &["tiny.txt: 1 lines are too few to split"]),
+        ("file = \"latin1.txt\"", &["latin1.txt: not UTF-8"]),
+        ("dir = \"odd\"\nmax_vocab = 2", &["data.max_vocab must be at least 3"]),
+        ("file = \"tiny.txt\"\nvalid_fraction = 1.5", &["data.valid_fraction must be in (0, 1)"]),
+        ("dir = \"odd\"\nfile = \"tiny.txt\"", &["set one of data.dir, data.file or data.train/valid/test"]),
+    ];
+    for (i, (data, expect)) in cases.iter().enumerate() {
+        let cfg = config(&s, &format!("bad{i}"), data);
+        let o = s.run(&["train", "--config", &cfg]);
+        assert_one_line_error(&o, expect);
+        assert!(!s.path(&format!("run-bad{i}")).exists(), "{data}: a run was started");
+    }
+}
