@@ -3,9 +3,16 @@
 
 Same data handling (vocabulary by first appearance, <eos> per line, the book's offset
 batching), same model (embedding -> dropout -> LSTM layers with dropout between -> dropout ->
-tied decoder; the book's initialisation), same SGD + global-norm clipping and lr/4 rule.
-Written the way a plain PyTorch training loop is usually written (cuDNN LSTM, loss.item()
-each step, clip_grad_norm_, torch.optim.SGD).
+tied decoder; the book's or PyTorch's initialisation), same SGD + global-norm clipping and
+lr/4 rule. Written the way a plain PyTorch training loop is usually written (cuDNN LSTM,
+loss.item() each step, clip_grad_norm_, torch.optim.SGD).
+
+The regularised recipe of configs/best.toml is followed too, the way AWD-LSTM's code
+(salesforce/awd-lstm-lm) writes it, so the comparison is like for like: locked
+(variational) dropout, embedding dropout, weight drop on the hidden-to-hidden weights
+(DropConnect, one mask per batch, through the functional LSTM), AR and TAR on the last
+layer's output, weight decay, and NT-ASGD (torch.optim.ASGD with t0=0, lambd=0 once
+validation stops improving, as AWD-LSTM's main.py switches).
 
 Prints one JSON object per epoch on stdout, then a summary object.
 """
@@ -44,33 +51,74 @@ def streams(ids, batch, bptt, device):
     return x, y, jump // bptt
 
 
+def locked_dropout(x, p, training):
+    """One mask per sequence, shared by every time step (Gal & Ghahramani 2016)."""
+    if not training or p == 0:
+        return x
+    mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)
+    return x * mask
+
+
+def embedding_dropout(weight, p, training):
+    """Drops whole words (rows of the embedding matrix)."""
+    if not training or p == 0:
+        return weight
+    mask = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
+    return weight * mask
+
+
 class Model(nn.Module):
     def __init__(self, m):
         super().__init__()
         v, d, h, layers = m["vocab_size"], m["wordvec_size"], m["hidden_size"], m.get("num_layers", 1)
         p = m.get("dropout", 0.0)
-        self.drop = nn.Dropout(p)
+        self.p_in, self.p_hid, self.p_out = (m.get(k, p) for k in ("dropout_input", "dropout_hidden", "dropout_output"))
+        self.locked = m.get("locked_dropout", False)
+        self.p_emb = m.get("dropout_embedding", 0.0)
+        self.wdrop = m.get("weight_drop", 0.0)
         self.embed = nn.Embedding(v, d)
         self.lstms = nn.ModuleList(nn.LSTM(d if i == 0 else h, h) for i in range(layers))
         self.decoder = nn.Linear(h, v)
-        nn.init.normal_(self.embed.weight, 0, 0.01)
-        for lstm in self.lstms:
-            nn.init.normal_(lstm.weight_ih_l0, 0, 1 / math.sqrt(lstm.input_size))
-            nn.init.normal_(lstm.weight_hh_l0, 0, 1 / math.sqrt(h))
-            nn.init.zeros_(lstm.bias_ih_l0)
-            nn.init.zeros_(lstm.bias_hh_l0)
-        nn.init.normal_(self.decoder.weight, 0, 1 / math.sqrt(h))
+        if m.get("init", "book") == "book":
+            nn.init.normal_(self.embed.weight, 0, 0.01)
+            for lstm in self.lstms:
+                nn.init.normal_(lstm.weight_ih_l0, 0, 1 / math.sqrt(lstm.input_size))
+                nn.init.normal_(lstm.weight_hh_l0, 0, 1 / math.sqrt(h))
+                nn.init.zeros_(lstm.bias_ih_l0)
+                nn.init.zeros_(lstm.bias_hh_l0)
+            nn.init.normal_(self.decoder.weight, 0, 1 / math.sqrt(h))
+        else:  # "uniform": nn.LSTM's own init, embedding and decoder U(-0.1, 0.1)
+            nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
         if m.get("tie_weights", False):
             self.decoder.weight = self.embed.weight
 
+    def drop(self, x, p):
+        if self.locked:
+            return locked_dropout(x, p, self.training)
+        return nn.functional.dropout(x, p, self.training)
+
+    def run_lstm(self, lstm, x, s):
+        if not (self.training and self.wdrop > 0):
+            return lstm(x, s)
+        # DropConnect on W_hh: the functional LSTM with a dropped copy of the weight.
+        w_hh = nn.functional.dropout(lstm.weight_hh_l0, self.wdrop, True)
+        weights = [lstm.weight_ih_l0, w_hh, lstm.bias_ih_l0, lstm.bias_hh_l0]
+        out, h, c = torch._VF.lstm(x, s, weights, True, 1, 0.0, True, False, False)
+        return out, (h, c)
+
     def forward(self, x, state):
-        h = self.drop(self.embed(x))
+        w = embedding_dropout(self.embed.weight, self.p_emb, self.training)
+        h = self.drop(nn.functional.embedding(x, w), self.p_in)
         new = []
-        for lstm, s in zip(self.lstms, state):
-            h, s = lstm(h, s)
+        for i, (lstm, s) in enumerate(zip(self.lstms, state)):
+            h, s = self.run_lstm(lstm, h, s)
             new.append(s)
-            h = self.drop(h)
+            last = i + 1 == len(self.lstms)
+            raw = h
+            h = self.drop(h, self.p_out if last else self.p_hid)
+        self.last_raw, self.last_dropped = raw, h
         return self.decoder(h), new
 
 
@@ -110,6 +158,7 @@ def main():
     device = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) or a.device == "cuda" else "cpu")
     torch.manual_seed(t.get("seed", 1))
     train_ids, vocab = load_split(os.path.join(data_dir, "ptb.train.txt"))
+    m.setdefault("vocab_size", len(vocab))
     valid_ids, _ = load_split(os.path.join(data_dir, "ptb.valid.txt"), vocab)
     test_ids, _ = load_split(os.path.join(data_dir, "ptb.test.txt"), vocab)
     cap = lambda ids, key: ids[: d[key]] if d.get(key) else ids
@@ -120,8 +169,11 @@ def main():
     model = Model(m).to(device)
     crit = nn.CrossEntropyLoss()
     lr, best = t["lr"], float("inf")
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    wdecay = t.get("weight_decay", 0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wdecay)
     max_grad = t.get("max_grad", 0.0)
+    alpha, beta = t.get("ar_alpha", 0.0), t.get("tar_beta", 0.0)
+    asgd, nonmono, history = t.get("asgd", False), t.get("asgd_nonmono", 5), []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for epoch in range(1, epochs + 1):
@@ -132,8 +184,14 @@ def main():
             state = [(h.detach(), c.detach()) for h, c in state]
             out, state = model(xb, state)
             loss = crit(out.view(-1, out.size(-1)), yb.reshape(-1))
+            total_loss = loss
+            if alpha > 0:
+                total_loss = total_loss + alpha * model.last_dropped.pow(2).mean()
+            if beta > 0:
+                raw = model.last_raw
+                total_loss = total_loss + beta * (raw[1:] - raw[:-1]).pow(2).mean()
             opt.zero_grad()
-            loss.backward()
+            total_loss.backward()
             if max_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), max_grad)
             opt.step()
@@ -142,6 +200,11 @@ def main():
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
         v0 = time.perf_counter()
+        averaging = isinstance(opt, torch.optim.ASGD)
+        if averaging:  # validate the averaged weights, as AWD-LSTM's main.py does
+            saved = {p: p.data.clone() for p in model.parameters()}
+            for p in model.parameters():
+                p.data.copy_(opt.state[p]["ax"])
         valid = evaluate(model, vx, vy, vnb, T, EB, device, crit)
         vsecs = time.perf_counter() - v0
         record = {
@@ -157,11 +220,20 @@ def main():
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+        record["averaging"] = averaging
         print(json.dumps(record), flush=True)
-        if valid < best:
+        improved = valid < best
+        if improved:
             best = valid
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
+        if averaging:
+            for p in model.parameters():
+                p.data.copy_(saved[p])
+        start_asgd = asgd and not averaging and len(history) > nonmono and valid > min(history[:-nonmono])
+        history.append(valid)
+        if start_asgd:
+            opt = torch.optim.ASGD(model.parameters(), lr=lr, t0=0, lambd=0.0, weight_decay=wdecay)
+        elif not improved and not averaging:
             lr /= t.get("lr_decay", 4.0)
             for g in opt.param_groups:
                 g["lr"] = lr

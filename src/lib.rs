@@ -6,6 +6,7 @@
 //! * [`step`]: one training step (eager or replayed from a CUDA graph)
 //! * [`train`]: the epoch loop, learning-rate schedule, resume and NaN recovery
 //! * [`eval`]: perplexity and the `eval` command
+//! * [`dynamic`]: dynamic evaluation (Krause et al. 2018)
 //! * [`generate`]: sampling text
 //! * [`checkpoint`]: atomic, checked checkpoints
 //! * [`run`]: the run directory and its overwrite rule
@@ -19,6 +20,7 @@ pub mod config;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod dynamic;
 pub mod eval;
 pub mod failpoint;
 pub mod generate;

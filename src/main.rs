@@ -62,6 +62,9 @@ struct TrainArgs {
     /// Print nothing but warnings, errors and the final result
     #[arg(long, short)]
     quiet: bool,
+    /// Train N epochs, then stop (resumable) and project the whole run's duration from them
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    stop_after: Option<u64>,
 }
 
 impl TrainArgs {
@@ -114,6 +117,31 @@ struct EvalArgs {
     /// a --file is scored whole, in one stream)
     #[arg(long, conflicts_with = "file", value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     batch_size: Option<i64>,
+    /// Dynamic evaluation (Krause et al. 2018): the model keeps learning from the text as it
+    /// scores it, one segment at a time, each scored before it is learned from
+    #[arg(long, conflicts_with = "batch_size")]
+    dynamic: bool,
+    /// Choose --dyn-lr and --dyn-decay on the validation split first (a grid, printed)
+    #[arg(long)]
+    dynamic_search: bool,
+    /// Dynamic evaluation: learning rate η
+    #[arg(long, value_name = "ETA", default_value_t = ptb_lm::dynamic::Settings::default().lr)]
+    dyn_lr: f64,
+    /// Dynamic evaluation: decay λ back to the trained weights, in [0, 1)
+    #[arg(long, value_name = "LAMBDA", default_value_t = ptb_lm::dynamic::Settings::default().decay)]
+    dyn_decay: f64,
+    /// Dynamic evaluation: ε added to the gradients' RMS
+    #[arg(long, value_name = "EPS", default_value_t = ptb_lm::dynamic::Settings::default().epsilon)]
+    dyn_epsilon: f64,
+    /// Dynamic evaluation: segment length (tokens scored between two updates)
+    #[arg(long, value_name = "N", default_value_t = ptb_lm::dynamic::Settings::default().bptt)]
+    dyn_bptt: i64,
+    /// Dynamic evaluation: gradient statistics from at most N training batches (default: all)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    dyn_stats_batches: Option<u64>,
+    /// With --dynamic-search: validation tokens each grid point is scored on
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    dyn_search_tokens: usize,
 }
 
 #[derive(Args)]
@@ -196,23 +224,56 @@ fn dispatch(command: Command) -> Result<()> {
                 libc::signal(libc::SIGPIPE, libc::SIG_IGN);
             }
             let stop = interrupt::flag();
-            let opts = train::TrainOptions { overwrite: args.overwrite, quiet: args.quiet };
-            let summary = match (&args.resume, &args.config) {
+            let opts = train::TrainOptions {
+                overwrite: args.overwrite,
+                quiet: args.quiet,
+                stop_after: args.stop_after.map(|n| n as usize),
+            };
+            let outcome = match (&args.resume, &args.config) {
                 (Some(dir), _) => train::resume(dir, &args.overrides(), &opts, stop)?,
                 (None, Some(path)) => train::train(Config::load(path, &args.overrides())?, &opts, stop)?,
                 (None, None) => unreachable!("clap requires --config or --resume"),
             };
-            if args.quiet {
-                use std::io::Write;
-                let _ = writeln!(std::io::stdout(), "test perplexity: {:.4}", summary.test_ppl);
-            }
+            use std::io::Write;
+            let _ = match outcome {
+                train::Outcome::Finished(s) if args.quiet => {
+                    writeln!(std::io::stdout(), "test perplexity: {:.4}", s.test_ppl)
+                }
+                train::Outcome::Finished(_) => Ok(()),
+                train::Outcome::Stopped(p) => writeln!(std::io::stdout(), "{p}"),
+            };
         }
         Command::Eval(args) => {
             let target = match args.file {
                 Some(path) => eval::Target::File { path, allow_unk: args.allow_unk },
                 None => eval::Target::Split(args.split),
             };
-            let r = eval::run(&args.checkpoint, &target, args.data_dir.as_deref(), args.device, args.batch_size)?;
+            let dynamic = (args.dynamic || args.dynamic_search).then(|| eval::DynamicOptions {
+                settings: ptb_lm::dynamic::Settings {
+                    lr: args.dyn_lr,
+                    decay: args.dyn_decay,
+                    epsilon: args.dyn_epsilon,
+                    bptt: args.dyn_bptt,
+                },
+                search: args.dynamic_search,
+                search_tokens: args.dyn_search_tokens,
+                stats_batches: args.dyn_stats_batches.map(|n| n as usize),
+            });
+            let r = eval::run(
+                &args.checkpoint,
+                &target,
+                args.data_dir.as_deref(),
+                args.device,
+                args.batch_size,
+                dynamic.as_ref(),
+            )?;
+            if !r.search.is_empty() {
+                println!("validation perplexity, dynamic, first {} tokens:", args.dyn_search_tokens);
+                println!("{:>10} {:>8} {:>12}", "lr", "decay", "perplexity");
+                for (s, ppl) in &r.search {
+                    println!("{:>10.1e} {:>8} {:>12.4}", s.lr, s.decay, ppl);
+                }
+            }
             let notes: String = r.notes.iter().map(|n| format!("; {n}")).collect();
             println!(
                 "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s{notes})",

@@ -202,9 +202,11 @@ impl RunDir {
     }
 }
 
-/// A directory holding nothing but files a checkpoint save writes (possibly not all yet).
+/// A directory holding nothing but files a checkpoint save writes (possibly not all yet), and
+/// the gradient statistics dynamic evaluation keeps beside the weights.
 fn only_checkpoint_files(dir: &Path) -> bool {
-    let allowed = [checkpoint::WEIGHTS, checkpoint::STATE, checkpoint::META];
+    let [stats, stats_meta] = crate::dynamic::GradStats::FILES;
+    let allowed = [checkpoint::WEIGHTS, checkpoint::STATE, checkpoint::META, stats, stats_meta];
     fs::read_dir(dir)
         .is_ok_and(|entries| entries.into_iter().all(|e| e.is_ok_and(|e| allowed.iter().any(|a| e.file_name() == *a))))
 }

@@ -41,6 +41,53 @@ const CPU_HINT_AFTER_S: f64 = 30.0 * 60.0;
 pub struct TrainOptions {
     pub overwrite: bool,
     pub quiet: bool,
+    /// Train at most this many epochs in this process, then stop with a resumable `last/`
+    /// and a projection of the whole run's duration.
+    pub stop_after: Option<usize>,
+}
+
+/// How a training process ended.
+pub enum Outcome {
+    /// Every epoch trained, the best checkpoint tested.
+    Finished(Summary),
+    /// Stopped after `--stop-after` epochs as asked.
+    Stopped(Projection),
+}
+
+/// What the epochs of a `--stop-after` process measured, and what it makes of the whole run.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    pub run_dir: PathBuf,
+    /// Epochs trained in this process, and in the run so far, of `total`.
+    pub trained: usize,
+    pub done: usize,
+    pub total: usize,
+    /// Mean wall seconds per epoch, training and validation, over this process's epochs
+    /// (the first, which includes warm-up and graph capture, left out when there are more).
+    pub seconds_per_epoch: f64,
+    pub tokens_per_s: f64,
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stopped after {} epoch{} as asked ({} of {} done): {:.1} s per epoch (training and validation, \
+             {:.1}k tokens/s); all {} epochs would take about {}, the {} left about {}; continue with: \
+             ptb-lm train --resume {}",
+            self.trained,
+            if self.trained == 1 { "" } else { "s" },
+            self.done,
+            self.total,
+            self.seconds_per_epoch,
+            self.tokens_per_s / 1000.0,
+            self.total,
+            human_duration(self.seconds_per_epoch * self.total as f64),
+            self.total - self.done,
+            human_duration(self.seconds_per_epoch * (self.total - self.done) as f64),
+            self.run_dir.display()
+        )
+    }
 }
 
 /// The book's learning-rate rule.
@@ -150,7 +197,7 @@ pub struct Summary {
 
 /// Starts a new run of `cfg`. Everything that can be checked is checked before the run
 /// directory is touched: the corpus, every split against its batch size, the memory.
-pub fn train(mut cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Summary> {
+pub fn train(mut cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Outcome> {
     let device = device::resolve(cfg.run.device)?;
     let run = RunDir::new(&cfg.run.out_dir);
     let corpus = load_corpus(&mut cfg)?;
@@ -167,7 +214,7 @@ pub fn train(mut cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<
 
 /// Continues the run in `run_dir` from its `last/` checkpoint. `overrides` may change only
 /// keys that do not alter what is computed (epochs, device, data dir, safety settings).
-pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &AtomicBool) -> Result<Summary> {
+pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &AtomicBool) -> Result<Outcome> {
     let run = RunDir::new(run_dir);
     let last = run.last();
     if !last.is_dir() {
@@ -323,6 +370,8 @@ struct Session {
     projected: bool,
     /// Continued from a checkpoint (rather than started).
     resumed: bool,
+    /// See [`TrainOptions::stop_after`].
+    stop_after: Option<usize>,
 }
 
 impl Session {
@@ -369,6 +418,7 @@ impl Session {
             epoch_walls: Vec::new(),
             projected: false,
             resumed: resumed.is_some(),
+            stop_after: opts.stop_after,
         })
     }
 
@@ -389,7 +439,7 @@ impl Session {
         }
     }
 
-    fn run(mut self, stop: &AtomicBool) -> Result<Summary> {
+    fn run(mut self, stop: &AtomicBool) -> Result<Outcome> {
         let epochs = self.cfg.train.epochs;
         self.announce();
         {
@@ -400,6 +450,9 @@ impl Session {
                 if self.stopping(stop) && self.pos.epoch < epochs {
                     return Err(self.interrupted(false).into());
                 }
+                if self.stop_after.is_some_and(|n| self.epoch_walls.len() >= n) && self.pos.epoch < epochs {
+                    return Ok(Outcome::Stopped(self.projection()));
+                }
             }
         }
         self.reporter.finish();
@@ -407,7 +460,21 @@ impl Session {
             return Err(self.interrupted(true).into());
         }
         failpoint::pause("test");
-        self.finish()
+        self.finish().map(Outcome::Finished)
+    }
+
+    fn projection(&self) -> Projection {
+        let walls = &self.epoch_walls;
+        let steady = if walls.len() > 1 { &walls[1..] } else { &walls[..] };
+        let recent = &self.records[self.records.len() - steady.len()..];
+        Projection {
+            run_dir: self.run.root.clone(),
+            trained: walls.len(),
+            done: self.pos.epoch,
+            total: self.cfg.train.epochs,
+            seconds_per_epoch: steady.iter().sum::<f64>() / steady.len() as f64,
+            tokens_per_s: recent.iter().map(|r| r.tokens_per_s).sum::<f64>() / recent.len() as f64,
+        }
     }
 
     fn announce(&self) {

@@ -132,3 +132,21 @@ fn cuda_is_refused_cleanly_where_there_is_none() {
         assert!(!s.path("run").exists());
     }
 }
+
+#[test]
+fn stop_after_trains_a_few_epochs_and_projects_the_whole_run() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let o = s.run(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "5", "--stop-after", "2"]);
+    assert_success(&o);
+    let out = stdout(&o);
+    let last = out.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("stopped after 2 epochs as asked (2 of 5 done): "), "{out}");
+    assert!(last.contains("all 5 epochs would take about") && last.contains("the 3 left about"), "{out}");
+    assert!(last.ends_with("continue with: ptb-lm train --resume ") || last.contains("--resume"), "{out}");
+    assert_eq!(valid_ppls(&s.path("run")).len(), 2);
+    assert!(!s.path("run/summary.json").exists());
+    let o = s.run(&["train", "--resume", "run"]);
+    assert_success(&o);
+    assert_eq!(valid_ppls(&s.path("run")).len(), 5);
+}

@@ -1,0 +1,239 @@
+//! Dynamic evaluation: the model keeps learning from the text it scores (Krause, Kahembwe,
+//! Murray & Renals 2018, *Dynamic Evaluation of Neural Sequence Models*, ICML; reference
+//! code: github.com/benkrause/dynamic-evaluation, `dynamiceval.py`).
+//!
+//! The text is read as one stream (batch 1, hidden state carried, dropout off) in segments
+//! of `bptt` tokens (5). Each segment is scored with the weights as they are **before** it is
+//! seen; only then is its loss back-propagated and the paper's main update (RMS-normalised
+//! SGD with decay back to the trained weights θ₀) taken:
+//!
+//! ```text
+//! θ ← θ − η · g / (MS + ε) + min(λ · MS / mean(MS), 1) · (θ₀ − θ)
+//! ```
+//!
+//! where MS = sqrt(mean of g² over the training split), collected once (segments of `bptt`,
+//! 100 parallel streams, as `gradstat()` does) and mean(MS) is the mean over the parameter
+//! tensors of each tensor's mean MS. The `min(·, 1)` is the reference code's clipping of the
+//! decay rate at 1/λ, so the decay never overshoots θ₀. Perplexity is exp of the mean loss
+//! over every token but the first.
+
+use crate::data::Batches;
+use crate::model::LstmLm;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// The update's hyperparameters. Defaults: the reference code's (η 5e-5, λ 0.002, ε 2e-5,
+/// segments of 5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// η, the learning rate.
+    pub lr: f64,
+    /// λ, the decay back to the trained weights.
+    pub decay: f64,
+    /// ε, added to MS.
+    pub epsilon: f64,
+    /// Segment length.
+    pub bptt: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { lr: 5e-5, decay: 0.002, epsilon: 2e-5, bptt: 5 }
+    }
+}
+
+impl Settings {
+    /// Errors name the command-line flag.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            bail!("--dyn-lr must be >= 0 (got {})", self.lr);
+        }
+        if !(self.decay.is_finite() && (0.0..1.0).contains(&self.decay)) {
+            bail!("--dyn-decay must be in [0, 1) (got {})", self.decay);
+        }
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
+            bail!("--dyn-epsilon must be > 0 (got {})", self.epsilon);
+        }
+        if self.bptt < 1 {
+            bail!("--dyn-bptt must be at least 1 (got {})", self.bptt);
+        }
+        Ok(())
+    }
+
+    /// "lr 5e-5, decay 0.002, segments of 5".
+    pub fn describe(&self) -> String {
+        format!("lr {:e}, decay {}, epsilon {:e}, segments of {}", self.lr, self.decay, self.epsilon, self.bptt)
+    }
+
+    /// The reference code's search grid (η × λ, scaled by bptt / 5 for other segment lengths).
+    pub fn grid(&self) -> Vec<Settings> {
+        let scale = self.bptt as f64 / 5.0;
+        let lrs = [3e-5, 5e-5, 1e-4, 2e-4, 4e-4];
+        let decays = [1e-3, 2e-3, 5e-3];
+        let mut out = Vec::new();
+        for &decay in &decays {
+            for &lr in &lrs {
+                out.push(Settings { lr: lr * scale, decay: (decay * scale).min(0.5), ..*self });
+            }
+        }
+        out
+    }
+}
+
+/// How the gradient statistics were collected (they are reused only for the same).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsRecipe {
+    pub batch_size: i64,
+    pub bptt: i64,
+    /// At most this many training batches (None: the whole split).
+    pub max_batches: Option<usize>,
+    /// Tokens of the training split they were collected on.
+    pub train_tokens: usize,
+}
+
+/// MS = sqrt(mean g²) of every parameter, in the order of [`LstmLm::named_parameters`].
+pub struct GradStats {
+    pub recipe: StatsRecipe,
+    pub ms: Vec<(String, Tensor)>,
+    /// Batches they were averaged over.
+    pub batches: usize,
+}
+
+const STATS_FILE: &str = "gradstats.safetensors";
+const STATS_META: &str = "gradstats.json";
+
+#[derive(Serialize, Deserialize)]
+struct StatsMeta {
+    recipe: StatsRecipe,
+    batches: usize,
+}
+
+impl GradStats {
+    /// Collects the statistics over `train` (dropout off, hidden state carried across
+    /// batches): for each batch, the gradient of its mean loss; MS = sqrt(mean of g²).
+    pub fn collect(model: &LstmLm, train: &[i64], recipe: StatsRecipe) -> Result<GradStats> {
+        let batches = Batches::new(train, recipe.batch_size, recipe.bptt, model.device())
+            .context("gradient statistics on the training split")?;
+        let n = recipe.max_batches.map_or(batches.len(), |m| m.min(batches.len()));
+        let named = model.named_parameters();
+        let mut sq: Vec<Tensor> = named.iter().map(|(_, p)| p.zeros_like()).collect();
+        let mut state = model.zero_state(recipe.batch_size);
+        for k in 0..n {
+            zero_grads(&named);
+            let (x, y) = batches.get(k);
+            let f = model.forward(&x, &state, false);
+            LstmLm::loss(&f.logits, &y).backward();
+            tch::no_grad(|| {
+                for (s, (_, p)) in sq.iter_mut().zip(&named) {
+                    let g = p.grad();
+                    let _ = s.addcmul_(&g, &g);
+                }
+            });
+            state = f.state.detach();
+        }
+        zero_grads(&named);
+        let ms =
+            tch::no_grad(|| named.iter().zip(sq).map(|((name, _), s)| (name.clone(), (s / n as f64).sqrt())).collect());
+        Ok(GradStats { recipe, ms, batches: n })
+    }
+
+    /// Statistics saved in checkpoint directory `dir` for the same recipe, if any.
+    pub fn load(dir: &Path, recipe: &StatsRecipe, model: &LstmLm) -> Option<GradStats> {
+        let meta: StatsMeta = serde_json::from_str(&std::fs::read_to_string(dir.join(STATS_META)).ok()?).ok()?;
+        if &meta.recipe != recipe {
+            return None;
+        }
+        let tensors = Tensor::read_safetensors(dir.join(STATS_FILE)).ok()?;
+        let device = model.device();
+        let ms = model
+            .named_parameters()
+            .into_iter()
+            .map(|(name, p)| {
+                let t = tensors.iter().find(|(n, _)| *n == format!("ms.{name}"))?;
+                (t.1.size() == p.size()).then(|| (name, t.1.to_device(device).to_kind(Kind::Float)))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(GradStats { recipe: meta.recipe, ms, batches: meta.batches })
+    }
+
+    /// Saves them beside the weights in checkpoint directory `dir` (two new files; the
+    /// checkpoint's own files are not touched, and a new save of the checkpoint drops them).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let named: Vec<(String, Tensor)> =
+            self.ms.iter().map(|(n, t)| (format!("ms.{n}"), t.to_device(Device::Cpu))).collect();
+        let path = dir.join(STATS_FILE);
+        Tensor::write_safetensors(&named, &path).with_context(|| format!("{}: cannot write", path.display()))?;
+        let meta = StatsMeta { recipe: self.recipe.clone(), batches: self.batches };
+        let path = dir.join(STATS_META);
+        std::fs::write(&path, serde_json::to_string_pretty(&meta)?)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    }
+
+    /// The files [`GradStats::save`] writes into a checkpoint directory.
+    pub const FILES: [&'static str; 2] = [STATS_FILE, STATS_META];
+}
+
+fn zero_grads(named: &[(String, Tensor)]) {
+    for (_, p) in named {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+/// Perplexity of the stream `ids` under dynamic evaluation with `s`. The model's weights are
+/// changed while it runs and put back at the end.
+pub fn perplexity(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) -> Result<f64> {
+    s.validate()?;
+    let n = ids.len() as i64 - 1;
+    if n < 1 {
+        bail!("dynamic evaluation needs at least two tokens");
+    }
+    let named = model.named_parameters();
+    let device = model.device();
+    // The update as three in-place passes per tensor: θ ← θ·(1 − r) + r·θ₀ − (η/(MS+ε))·g,
+    // with r = min(λ·MS/mean(MS), 1) (the decay rate clipped at 1/λ, times λ).
+    let (theta0, keep, pull, step) = tch::no_grad(|| {
+        let theta0: Vec<Tensor> = named.iter().map(|(_, p)| p.detach().copy()).collect();
+        let means: Vec<Tensor> = stats.ms.iter().map(|(_, m)| m.mean(Kind::Float)).collect();
+        let mean_ms = Tensor::stack(&means, 0).mean(Kind::Float);
+        let rate: Vec<Tensor> = stats.ms.iter().map(|(_, m)| (m * s.decay / &mean_ms).clamp_max(1.0)).collect();
+        let keep: Vec<Tensor> = rate.iter().map(|r| 1.0 - r).collect();
+        let pull: Vec<Tensor> = rate.iter().zip(&theta0).map(|(r, t0)| r * t0).collect();
+        let step: Vec<Tensor> = stats.ms.iter().map(|(_, m)| (m + s.epsilon).reciprocal() * -s.lr).collect();
+        (theta0, keep, pull, step)
+    });
+    let stream = Tensor::from_slice(ids).to_device(device).view([-1, 1]);
+    let mut state = model.zero_state(1);
+    let mut sum = Tensor::zeros([], (Kind::Double, device));
+    let mut start = 0;
+    while start < n {
+        let len = s.bptt.min(n - start);
+        zero_grads(&named);
+        let f = model.forward(&stream.narrow(0, start, len), &state, false);
+        let loss = LstmLm::loss(&f.logits, &stream.narrow(0, start + 1, len));
+        // Scored first, with the weights as they were before this segment.
+        sum += loss.detach().to_kind(Kind::Double) * len as f64;
+        loss.backward();
+        tch::no_grad(|| {
+            for (i, (_, p)) in named.iter().enumerate() {
+                let mut p = p.shallow_clone();
+                let _ = p.g_mul_(&keep[i]);
+                let _ = p.g_add_(&pull[i]);
+                let _ = p.addcmul_(&step[i], &p.grad());
+            }
+        });
+        state = f.state.detach();
+        start += len;
+    }
+    zero_grads(&named);
+    tch::no_grad(|| {
+        for ((_, p), t0) in named.iter().zip(&theta0) {
+            p.shallow_clone().copy_(t0);
+        }
+    });
+    Ok((f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64).exp())
+}

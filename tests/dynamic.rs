@@ -1,0 +1,129 @@
+//! Dynamic evaluation (Krause et al. 2018): with no learning it is static evaluation, each
+//! segment is scored before it is learned from, it adapts to what it reads, and the
+//! checkpoint on disk is never changed.
+
+mod common;
+
+use common::*;
+use ptb_lm::dynamic::{GradStats, Settings, StatsRecipe};
+use ptb_lm::eval::perplexity_of_stream;
+use ptb_lm::model::LstmLm;
+use tch::{Device, Kind, Tensor};
+
+fn small_model() -> LstmLm {
+    let cfg = config_with(
+        "[model]\nvocab_size = 30\nwordvec_size = 8\nhidden_size = 8\nnum_layers = 2\ntie_weights = true\n\
+         [train]\nlr = 1.0\nepochs = 1\n",
+        &[],
+    );
+    LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap()
+}
+
+fn random_ids(n: i64, seed: i64) -> Vec<i64> {
+    tch::manual_seed(seed);
+    Vec::<i64>::try_from(Tensor::randint(30, [n], (Kind::Int64, Device::Cpu))).unwrap()
+}
+
+fn stats(model: &LstmLm, train: &[i64]) -> GradStats {
+    let recipe = StatsRecipe { batch_size: 4, bptt: 5, max_batches: None, train_tokens: train.len() };
+    GradStats::collect(model, train, recipe).unwrap()
+}
+
+#[test]
+fn with_no_learning_and_no_decay_it_is_static_evaluation_of_one_stream() {
+    let _g = rng_lock();
+    tch::manual_seed(1);
+    let model = small_model();
+    let (train, text) = (random_ids(2000, 2), random_ids(503, 3));
+    let st = stats(&model, &train);
+    let off = Settings { lr: 0.0, decay: 0.0, ..Settings::default() };
+    let dynamic = ptb_lm::dynamic::perplexity(&model, &text, &st, &off).unwrap();
+    let fixed = perplexity_of_stream(&model, &text, 5, Device::Cpu);
+    assert!((dynamic - fixed).abs() / fixed < 1e-9, "{dynamic} vs {fixed}");
+}
+
+#[test]
+fn each_segment_is_scored_before_it_is_learned_from_and_the_weights_come_back() {
+    let _g = rng_lock();
+    tch::manual_seed(4);
+    let model = small_model();
+    let before: Vec<Tensor> = model.parameters().iter().map(|p| p.detach().copy()).collect();
+    let st = stats(&model, &random_ids(2000, 5));
+    let eager = Settings { lr: 0.5, decay: 0.0, ..Settings::default() };
+    // One segment (6 tokens, 5 predictions): nothing was learned before it is scored.
+    let one = random_ids(6, 6);
+    let dynamic = ptb_lm::dynamic::perplexity(&model, &one, &st, &eager).unwrap();
+    let fixed = perplexity_of_stream(&model, &one, 5, Device::Cpu);
+    assert!((dynamic - fixed).abs() / fixed < 1e-9, "the first segment saw updated weights: {dynamic} vs {fixed}");
+    // Two segments: the second is scored with weights learned on the first.
+    let two = random_ids(11, 7);
+    let dynamic = ptb_lm::dynamic::perplexity(&model, &two, &st, &eager).unwrap();
+    let fixed = perplexity_of_stream(&model, &two, 5, Device::Cpu);
+    assert!((dynamic - fixed).abs() / fixed > 1e-6, "no learning happened: {dynamic} vs {fixed}");
+    for (p, b) in model.parameters().iter().zip(&before) {
+        assert!(bool::try_from(p.eq_tensor(b).all()).unwrap(), "the model's weights were not put back");
+    }
+}
+
+#[test]
+fn dynamic_evaluation_adapts_and_leaves_the_checkpoint_as_it_was() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    assert_success(&s.run(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]));
+    let files = ["model.safetensors", "checkpoint.json"];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(s.path("run/best").join(f)).unwrap()).collect();
+    // One paragraph, forty times over: a model that learns as it reads finds it predictable.
+    let paragraph = "the company said it expects to report a loss for the third quarter\n\
+                     analysts had expected a profit of N cents a share\n";
+    std::fs::write(s.path("repeat.txt"), paragraph.repeat(40)).unwrap();
+    let args = [
+        "eval",
+        "--checkpoint",
+        "run/best",
+        "--file",
+        "repeat.txt",
+        "--device",
+        "cpu",
+        "--dynamic",
+        "--dyn-lr",
+        "3e-3",
+        "--dyn-stats-batches",
+        "30",
+    ];
+    let o = s.run(&args);
+    assert_success(&o);
+    let out = stdout(&o);
+    assert!(out.starts_with("repeat.txt (dynamic: lr 2e-4, decay 0.002"), "{out}");
+    assert!(stderr(&o).contains("gradient statistics over 30 training batches"), "{}", stderr(&o));
+    let number = |after: &str| -> f64 {
+        let rest = &out[out.find(after).unwrap() + after.len()..];
+        rest.split(|c: char| c == ')' || c == ';' || c.is_whitespace()).next().unwrap().parse().unwrap()
+    };
+    let (dynamic, fixed) = (number("perplexity: "), number("static, one stream: "));
+    assert!(dynamic < fixed / 3.0, "dynamic {dynamic} vs static {fixed}");
+    // The statistics are kept beside the weights and reused; the checkpoint's files are untouched.
+    let o = s.run(&args);
+    assert_success(&o);
+    assert!(!stderr(&o).contains("gradient statistics over"), "recomputed: {}", stderr(&o));
+    for (f, b) in files.iter().zip(&before) {
+        assert_eq!(&std::fs::read(s.path("run/best").join(f)).unwrap(), b, "{f} changed");
+    }
+    ptb_lm::checkpoint::Checkpoint::load(&s.path("run/best")).unwrap();
+    // --overwrite still recognises the directory as the run's own.
+    assert_success(&s.run(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1", "--overwrite"]));
+}
+
+#[test]
+fn bad_dynamic_settings_are_one_line_errors() {
+    let s = Sandbox::new();
+    std::fs::create_dir_all(s.path("x")).unwrap();
+    for (flag, value, expect) in [
+        ("--dyn-lr", "-1", "--dyn-lr must be >= 0"),
+        ("--dyn-decay", "1", "--dyn-decay must be in [0, 1)"),
+        ("--dyn-bptt", "0", "--dyn-bptt must be at least 1"),
+        ("--dyn-epsilon", "0", "--dyn-epsilon must be > 0"),
+    ] {
+        let o = s.run(&["eval", "--checkpoint", "x", "--dynamic", flag, value]);
+        assert_one_line_error(&o, &[expect]);
+    }
+}
