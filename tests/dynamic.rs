@@ -86,7 +86,7 @@ fn dynamic_evaluation_adapts_and_leaves_the_checkpoint_as_it_was() {
         "cpu",
         "--dynamic",
         "--dyn-lr",
-        "3e-3",
+        "2e-4",
         "--dyn-stats-batches",
         "30",
     ];
