@@ -120,3 +120,53 @@ fn bf16_step_stays_close_to_fp32() {
     assert!(w16.iter().all(|w| w.kind() == Kind::Float), "master weights must stay float32");
     println!("12 steps: fp32 loss sum {loss32:.5}, bf16 {loss16:.5} ({:.3}% apart)", rel * 100.0);
 }
+
+/// best.toml's regularised recipe at a smaller width: locked dropout, embedding dropout,
+/// weight drop, AR/TAR, weight decay, bf16 unless overridden.
+fn best_like(extra: &[&str]) -> Config {
+    config_with(
+        "[model]\nwordvec_size = 256\nhidden_size = 256\nnum_layers = 2\ntie_weights = true\ninit = \"uniform\"\n\
+         locked_dropout = true\ndropout_input = 0.45\ndropout_hidden = 0.3\ndropout_output = 0.45\n\
+         dropout_embedding = 0.1\nweight_drop = 0.5\n\
+         [train]\nlr = 30.0\nmax_grad = 0.25\nepochs = 1\nbptt = 70\nweight_decay = 1.2e-6\nar_alpha = 2.0\n\
+         tar_beta = 1.0\nprecision = \"bf16\"\n",
+        extra,
+    )
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_regularised_step_is_captured_and_computes_what_the_plain_step_computes() {
+    let _rng = rng_lock();
+    let cfg = best_like(&["train.precision=\"fp32\""]);
+    let step = new_step(&cfg, true);
+    assert!(!step.model.is_fused(), "locked dropout and weight drop need the layers one by one");
+    drop(step);
+    assert_same(&cfg, "regularised, fp32");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn locked_dropout_and_weight_drop_masks_are_redrawn_on_every_replay() {
+    let _rng = rng_lock();
+    // lr = 0, the same batch and state every step: only the masks (locked dropout, embedding
+    // dropout, weight drop) can make two replays' losses differ. Seeds differ per step, as
+    // in training.
+    let cfg = best_like(&[]);
+    let mut step = new_step(&cfg, true);
+    step.set_lr(0.0);
+    let data = batches(&cfg, 1);
+    let mut losses = Vec::new();
+    for k in 0..10 {
+        step.reset_state();
+        step.reset_loss_sum(0.0);
+        step.run(&data.get(0), &data.get(1), 2000 + k).unwrap();
+        losses.push(step.loss_sum());
+    }
+    let replays = &losses[4..];
+    let mut distinct = replays.to_vec();
+    distinct.sort_by(f64::total_cmp);
+    distinct.dedup();
+    assert_eq!(distinct.len(), replays.len(), "a mask repeats across replays: {replays:?}");
+    println!("losses of replays with fresh masks: {replays:?}");
+}
