@@ -9,6 +9,8 @@
 //! * `PTB_LM_FAILPOINT_DIVERGE=KIND@STEP` (or `KIND@STEP+` for every step from STEP on):
 //!   right after training step STEP (0-based, counted over the whole run) `nan` turns a
 //!   weight into NaN, `loss` adds 1e9 to the running loss (finite, but clearly diverged).
+//! * `PTB_LM_FAILPOINT_AVERAGE=N`: with `train.asgd`, averaging starts after epoch N whatever
+//!   the validation perplexities say.
 //! * `PTB_LM_FAILPOINT_TORCH=1`: `ptb-lm eval` makes libtorch fail (a product of tensors whose
 //!   shapes do not match), as an unforeseen libtorch error would.
 
@@ -18,9 +20,15 @@ use std::time::Duration;
 const PAUSE: &str = "PTB_LM_FAILPOINT_PAUSE";
 const DIVERGE: &str = "PTB_LM_FAILPOINT_DIVERGE";
 const TORCH: &str = "PTB_LM_FAILPOINT_TORCH";
+const AVERAGE: &str = "PTB_LM_FAILPOINT_AVERAGE";
 
 /// Every environment variable of this module (tests clear them for child processes).
-pub const VARIABLES: [&str; 3] = [PAUSE, DIVERGE, TORCH];
+pub const VARIABLES: [&str; 4] = [PAUSE, DIVERGE, TORCH, AVERAGE];
+
+/// Whether averaged SGD is to start after epoch `epoch` (1-based).
+pub fn average_after(epoch: usize) -> bool {
+    std::env::var(AVERAGE).ok().and_then(|v| v.parse::<usize>().ok()) == Some(epoch)
+}
 
 /// Makes libtorch fail when `PTB_LM_FAILPOINT_TORCH` is set.
 pub fn torch_error() {

@@ -554,7 +554,7 @@ impl Session {
                 self.step.snapshot();
                 sound = Sound { batch: k, loss_sum: sum, counted };
             }
-            self.report_progress(&mut last_report, sound, elapsed);
+            self.report_progress(&mut last_report, sound, elapsed, k == n);
             if stopping && sound.batch < n {
                 self.pos.batch = sound.batch;
                 self.pos.loss_sum = sound.loss_sum;
@@ -592,15 +592,16 @@ impl Session {
         Ok(())
     }
 
-    /// The progress bar, and once per process a projection of the whole run's duration.
-    fn report_progress(&mut self, last: &mut (Sound, f64), now: Sound, elapsed: f64) {
+    /// The progress bar, and once per process (after [`PROJECT_AFTER_S`] of training, or at
+    /// the end of the first epoch if that comes sooner) a projection of the run's duration.
+    fn report_progress(&mut self, last: &mut (Sound, f64), now: Sound, elapsed: f64, epoch_end: bool) {
         let (before, e0) = *last;
         if now.batch > before.batch && now.counted > before.counted {
             let batches = (now.counted - before.counted) as f64;
             let ppl = ((now.loss_sum - before.loss_sum) / batches).exp();
             let speed = batches * self.splits.train.tokens_per_batch() as f64 / (elapsed - e0).max(1e-9);
             self.reporter.update(now.batch, ppl, self.schedule.lr, speed);
-            if !self.projected && elapsed >= PROJECT_AFTER_S {
+            if !self.projected && (elapsed >= PROJECT_AFTER_S || epoch_end) {
                 self.projected = true;
                 self.project(speed);
             }
@@ -701,7 +702,8 @@ impl Session {
         let averaging = self.step.averaging();
         let start_averaging = self.cfg.train.asgd
             && !averaging
-            && asgd_should_start(&self.pos.valid_history, valid_ppl, self.cfg.train.asgd_nonmono);
+            && (asgd_should_start(&self.pos.valid_history, valid_ppl, self.cfg.train.asgd_nonmono)
+                || failpoint::average_after(epoch + 1));
         // Averaging keeps the learning rate from the epoch it starts on.
         let improved = self.schedule.observe(valid_ppl, averaging || start_averaging);
         self.pos.valid_history.push(valid_ppl);

@@ -560,3 +560,40 @@ fn resume_refuses_what_it_cannot_honour_and_points_at_the_run() {
     let o = s.run(&["train", "--resume", "run", "--epochs", "2", "--set", "run.out_dir=elsewhere"]);
     assert_one_line_error(&o, &["when resuming, run.out_dir cannot change"]);
 }
+
+#[test]
+fn last_describes_its_own_weights_under_averaged_sgd() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "asgd = true");
+    let o = s
+        .command(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "3"])
+        .env("PTB_LM_FAILPOINT_AVERAGE", "1")
+        .output()
+        .unwrap();
+    assert_success(&o);
+    assert!(stdout(&o).contains("averaging from now on"), "{}", stdout(&o));
+    // last/ holds the raw weights, which were never validated: no number claims to be theirs.
+    let last = Checkpoint::load(&s.path("run/last")).unwrap();
+    assert_eq!(last.meta.valid_ppl, None);
+    assert!(last.meta.resume.unwrap().asgd_count > 0);
+    // best/ holds the averaged weights that were validated, and eval finds that number again.
+    let best = Checkpoint::load(&s.path("run/best")).unwrap();
+    let saved = best.meta.valid_ppl.unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--split", "valid", "--device", "cpu"]);
+    let printed: f64 = stdout(&o).split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((printed - saved).abs() / saved < 1e-4, "{printed} vs {saved}");
+}
+
+#[test]
+fn a_newcomer_on_a_cpu_is_told_how_long_the_run_will_take() {
+    let s = Sandbox::new();
+    let (child, mut out) = start_training(&s, "100000", &[]);
+    let line = wait_for_line(&mut out, "projected: ");
+    assert!(line.contains("for the 100000 epochs left"), "{line}");
+    assert!(line.contains("configs/rnnlm.toml") && line.contains("CPU-sized run"), "{line}");
+    let epoch = wait_for_line(&mut out, "epoch   1 |");
+    assert!(epoch.contains("| ETA ") && epoch.contains(" h "), "the whole run's ETA: {epoch}");
+    signal(&child, libc::SIGINT);
+    let (code, _) = finish(child);
+    assert_eq!(code, Some(130));
+}
