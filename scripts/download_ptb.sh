@@ -25,38 +25,13 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-sha() { sha256sum "$1" | cut -d' ' -f1; }
+# shellcheck source=scripts/fetch.sh
+. "$root/scripts/fetch.sh"
 expected() { awk -v f="$1" '$2 == f { print $1 }' "$sums"; }
 
 mkdir -p "$dest"
 for name in ptb.train.txt ptb.valid.txt ptb.test.txt; do
-  want=$(expected "$name")
-  target="$dest/$name"
-  if [[ -f "$target" && "$(sha "$target")" == "$want" ]]; then
-    continue
-  fi
-  tmp="$target.partial"
-  rm -f "$tmp"
-  if [[ "$src" == http://* || "$src" == https://* ]]; then
-    echo "download_ptb: fetching $src/$name" >&2
-    if command -v curl >/dev/null; then
-      curl -fsSL --retry 3 -o "$tmp" "$src/$name" || { rm -f "$tmp"; die "could not download $src/$name (offline? use --from DIR with a local copy)"; }
-    elif command -v wget >/dev/null; then
-      wget -q -O "$tmp" "$src/$name" || { rm -f "$tmp"; die "could not download $src/$name (offline? use --from DIR with a local copy)"; }
-    else
-      die "neither curl nor wget is installed; use --from DIR with a local copy"
-    fi
-  else
-    [[ -f "$src/$name" ]] || die "$src/$name: no such file (--from must be a directory holding the three PTB files)"
-    cp "$src/$name" "$tmp"
-  fi
-  got=$(sha "$tmp")
-  if [[ "$got" != "$want" ]]; then
-    rm -f "$tmp"
-    die "$name from $src has SHA-256 $got, expected $want: refusing it (corrupt, truncated or a different file)"
-  fi
-  mv "$tmp" "$target"
-  echo "download_ptb: $target ok" >&2
+  fetch_checked download_ptb "$src" "$name" "$dest/$name" "$(expected "$name")" "the three PTB files"
 done
 # ptb-lm re-checks the files against this on every load.
 cp "$sums" "$dest/SHA256SUMS"

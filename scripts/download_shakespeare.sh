@@ -25,33 +25,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-sha() { sha256sum "$1" | cut -d' ' -f1; }
+root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/fetch.sh
+. "$root/scripts/fetch.sh"
 mkdir -p "$dest"
-target="$dest/$name"
-if [[ -f "$target" && "$(sha "$target")" == "$want" ]]; then
-  [[ -f "$dest/SHA256SUMS" ]] || echo "$want  $name" > "$dest/SHA256SUMS"
-  exit 0
-fi
-tmp="$target.partial"
-rm -f "$tmp"
-if [[ "$src" == http://* || "$src" == https://* ]]; then
-  echo "download_shakespeare: fetching $src/$name" >&2
-  if command -v curl >/dev/null; then
-    curl -fsSL --retry 3 -o "$tmp" "$src/$name" || { rm -f "$tmp"; die "could not download $src/$name (offline? use --from DIR with a local copy)"; }
-  elif command -v wget >/dev/null; then
-    wget -q -O "$tmp" "$src/$name" || { rm -f "$tmp"; die "could not download $src/$name (offline? use --from DIR with a local copy)"; }
-  else
-    die "neither curl nor wget is installed; use --from DIR with a local copy"
-  fi
-else
-  [[ -f "$src/$name" ]] || die "$src/$name: no such file (--from must be a directory holding input.txt)"
-  cp "$src/$name" "$tmp"
-fi
-got=$(sha "$tmp")
-if [[ "$got" != "$want" ]]; then
-  rm -f "$tmp"
-  die "$name from $src has SHA-256 $got, expected $want: refusing it (corrupt, truncated or a different file)"
-fi
-mv "$tmp" "$target"
+fetch_checked download_shakespeare "$src" "$name" "$dest/$name" "$want" "input.txt"
+# ptb-lm checks the file against this on every read.
 echo "$want  $name" > "$dest/SHA256SUMS"
-echo "download_shakespeare: $target ok" >&2

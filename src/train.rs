@@ -556,12 +556,7 @@ impl Session {
             }
             self.report_progress(&mut last_report, sound, elapsed, k == n);
             if stopping && sound.batch < n {
-                self.pos.batch = sound.batch;
-                self.pos.loss_sum = sound.loss_sum;
-                self.pos.loss_batches = sound.counted;
-                self.pos.seconds = elapsed;
-                self.save_last(None)?;
-                self.reporter.finish();
+                self.save_sound_state(sound, elapsed)?;
                 return Err(self.interrupted(false).into());
             }
         }
@@ -569,6 +564,18 @@ impl Session {
         self.pos.loss_sum = sound.loss_sum;
         self.pos.loss_batches = sound.counted;
         self.pos.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Saves the last sound check as the resumable position in `last/` (before stopping
+    /// mid-epoch).
+    fn save_sound_state(&mut self, sound: Sound, elapsed: f64) -> Result<()> {
+        self.pos.batch = sound.batch;
+        self.pos.loss_sum = sound.loss_sum;
+        self.pos.loss_batches = sound.counted;
+        self.pos.seconds = elapsed;
+        self.save_last(None)?;
+        self.reporter.finish();
         Ok(())
     }
 
@@ -651,12 +658,7 @@ impl Session {
         };
         let (epoch, max) = (self.pos.epoch + 1, self.cfg.train.max_nan_restarts);
         if self.pos.nan_restarts > max {
-            self.pos.batch = sound.batch;
-            self.pos.loss_sum = sound.loss_sum;
-            self.pos.loss_batches = sound.counted;
-            self.pos.seconds = elapsed;
-            self.save_last(None)?;
-            self.reporter.finish();
+            self.save_sound_state(sound, elapsed)?;
             bail!(
                 "training diverged in epoch {epoch}, batch {} ({what}), {} times (train.max_nan_restarts = {max}); \
                  the last sound weights, with lr lowered to {}, are in {}: continue with `ptb-lm train --resume {} \

@@ -90,22 +90,29 @@ fn cudnn_dropout_between_fused_layers_changes_every_replay() {
     let cfg = better_like(&["model.dropout_input=0.0", "model.dropout_output=0.0", "model.dropout_hidden=0.5"]);
     let mut step = new_step(&cfg, true);
     assert!(step.model.is_fused());
+    let replays = replay_losses(&mut step, &cfg, |_| 5); // the same seed every time
+    println!("losses of identical replays: {replays:?}");
+}
+
+/// Ten steps at lr 0 on the same batch from the same state (seed of step k: `seed(k)`); the
+/// losses of the replays after the 3 warm-ups and the capture, checked to be all different:
+/// only the dropout masks can make them differ.
+fn replay_losses(step: &mut TrainStep, cfg: &Config, seed: impl Fn(i64) -> i64) -> Vec<f64> {
     step.set_lr(0.0);
-    let data = batches(&cfg, 1);
+    let data = batches(cfg, 1);
     let mut losses = Vec::new();
     for k in 0..10 {
         step.reset_state();
         step.reset_loss_sum(0.0);
-        step.run(&data.get(0), &data.get(1), 5).unwrap(); // same seed every time
+        step.run(&data.get(0), &data.get(1), seed(k)).unwrap();
         losses.push(step.loss_sum());
-        let _ = k;
     }
-    let replays = &losses[4..]; // after 3 warm-ups and the capture
-    let mut distinct = replays.to_vec();
+    let replays = losses[4..].to_vec();
+    let mut distinct = replays.clone();
     distinct.sort_by(f64::total_cmp);
     distinct.dedup();
-    assert_eq!(distinct.len(), replays.len(), "the dropout mask repeats across replays: {replays:?}");
-    println!("losses of identical replays: {replays:?}");
+    assert_eq!(distinct.len(), replays.len(), "a dropout mask repeats across replays: {replays:?}");
+    replays
 }
 
 #[test]
@@ -154,19 +161,6 @@ fn locked_dropout_and_weight_drop_masks_are_redrawn_on_every_replay() {
     // in training.
     let cfg = best_like(&[]);
     let mut step = new_step(&cfg, true);
-    step.set_lr(0.0);
-    let data = batches(&cfg, 1);
-    let mut losses = Vec::new();
-    for k in 0..10 {
-        step.reset_state();
-        step.reset_loss_sum(0.0);
-        step.run(&data.get(0), &data.get(1), 2000 + k).unwrap();
-        losses.push(step.loss_sum());
-    }
-    let replays = &losses[4..];
-    let mut distinct = replays.to_vec();
-    distinct.sort_by(f64::total_cmp);
-    distinct.dedup();
-    assert_eq!(distinct.len(), replays.len(), "a mask repeats across replays: {replays:?}");
+    let replays = replay_losses(&mut step, &cfg, |k| 2000 + k);
     println!("losses of replays with fresh masks: {replays:?}");
 }
