@@ -216,109 +216,113 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> Result<()> {
     interrupt::install()?;
     match command {
-        Command::Train(args) => {
-            // A closed stdout must not kill a training run: writes then fail, and training
-            // stops as on Ctrl-C, with a resumable checkpoint.
-            // SAFETY: changing a signal disposition; no handler code runs.
-            unsafe {
-                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-            }
-            let stop = interrupt::flag();
-            let opts = train::TrainOptions {
-                overwrite: args.overwrite,
-                quiet: args.quiet,
-                stop_after: args.stop_after.map(|n| n as usize),
-            };
-            let outcome = match (&args.resume, &args.config) {
-                (Some(dir), _) => train::resume(dir, &args.overrides(), &opts, stop)?,
-                (None, Some(path)) => train::train(Config::load(path, &args.overrides())?, &opts, stop)?,
-                (None, None) => unreachable!("clap requires --config or --resume"),
-            };
-            use std::io::Write;
-            let _ = match outcome {
-                train::Outcome::Finished(s) if args.quiet => {
-                    writeln!(std::io::stdout(), "test perplexity: {:.4}", s.test_ppl)
-                }
-                train::Outcome::Finished(_) => Ok(()),
-                train::Outcome::Stopped(p) => writeln!(std::io::stdout(), "{p}"),
-            };
-        }
-        Command::Eval(args) => {
-            let target = match args.file {
-                Some(path) => eval::Target::File { path, allow_unk: args.allow_unk },
-                None => eval::Target::Split(args.split),
-            };
-            let dynamic = (args.dynamic || args.dynamic_search).then(|| eval::DynamicOptions {
-                settings: ptb_lm::dynamic::Settings {
-                    lr: args.dyn_lr,
-                    decay: args.dyn_decay,
-                    epsilon: args.dyn_epsilon,
-                    bptt: args.dyn_bptt,
-                },
-                search: args.dynamic_search,
-                search_tokens: args.dyn_search_tokens,
-                stats_batches: args.dyn_stats_batches.map(|n| n as usize),
-            });
-            let r = eval::run(
-                &args.checkpoint,
-                &target,
-                args.data_dir.as_deref(),
-                args.device,
-                args.batch_size,
-                dynamic.as_ref(),
-            )?;
-            if !r.search.is_empty() {
-                println!("validation perplexity, dynamic, first {} tokens:", args.dyn_search_tokens);
-                println!("{:>10} {:>8} {:>12}", "lr", "decay", "perplexity");
-                for (s, ppl) in &r.search {
-                    println!("{:>10.1e} {:>8} {:>12.4}", s.lr, s.decay, ppl);
-                }
-            }
-            let notes: String = r.notes.iter().map(|n| format!("; {n}")).collect();
-            println!(
-                "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s{notes})",
-                r.name,
-                r.ppl,
-                r.tokens,
-                r.seconds,
-                r.tokens as f64 / r.seconds.max(1e-9)
-            );
-        }
-        Command::Generate(args) => {
-            let opts = generate::GenerateOptions {
-                words: args.words,
-                temperature: args.temperature,
-                top_k: args.top_k,
-                seed: args.seed,
-                allow_unk: args.allow_unk,
-                until_eos: args.until_eos,
-                samples: args.samples,
-            };
-            opts.validate()?;
-            let ckpt = Checkpoint::load(&args.checkpoint)?;
-            let model = ckpt.model(device::resolve(args.device)?)?;
-            let vocab = ckpt.vocab()?;
-            let prompt = generate::read_prompt(&vocab, &args.prompt)?;
-            if !prompt.unknown.is_empty() {
-                eprintln!("warning: not in the vocabulary, read as <unk>: {}", prompt.unknown.join(", "));
-            }
-            generate::generate(&model, &vocab, &prompt, &opts, &mut std::io::stdout().lock())?;
-        }
+        Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Generate(args) => run_generate(args),
         Command::Info => {
-            println!("ptb-lm {} (tch 0.24, libtorch 2.11.0)", env!("CARGO_PKG_VERSION"));
-            println!("cuda available: {}", tch::Cuda::is_available());
-            println!("cuda devices: {}", tch::Cuda::device_count());
-            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
-            let graphs = match (ptb_lm::cuda::available(), tch::Cuda::is_available()) {
-                (true, true) => "usable",
-                (true, false) => "built in, but not usable here (no GPU)",
-                (false, _) => "not built into this ptb-lm",
-            };
-            println!("cuda graphs: {graphs}");
-            println!("cpu threads: {}", tch::get_num_threads());
+            print_info();
+            Ok(())
         }
     }
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    // A closed stdout must not kill a training run: writes then fail, and training stops as
+    // on Ctrl-C, with a resumable checkpoint.
+    // SAFETY: changing a signal disposition; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let stop = interrupt::flag();
+    let opts = train::TrainOptions {
+        overwrite: args.overwrite,
+        quiet: args.quiet,
+        stop_after: args.stop_after.map(|n| n as usize),
+    };
+    let outcome = match (&args.resume, &args.config) {
+        (Some(dir), _) => train::resume(dir, &args.overrides(), &opts, stop)?,
+        (None, Some(path)) => train::train(Config::load(path, &args.overrides())?, &opts, stop)?,
+        (None, None) => unreachable!("clap requires --config or --resume"),
+    };
+    use std::io::Write;
+    let _ = match outcome {
+        train::Outcome::Finished(s) if args.quiet => writeln!(std::io::stdout(), "test perplexity: {:.4}", s.test_ppl),
+        train::Outcome::Finished(_) => Ok(()),
+        train::Outcome::Stopped(p) => writeln!(std::io::stdout(), "{p}"),
+    };
     Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    let target = match args.file {
+        Some(path) => eval::Target::File { path, allow_unk: args.allow_unk },
+        None => eval::Target::Split(args.split),
+    };
+    let dynamic = (args.dynamic || args.dynamic_search).then(|| eval::DynamicOptions {
+        settings: ptb_lm::dynamic::Settings {
+            lr: args.dyn_lr,
+            decay: args.dyn_decay,
+            epsilon: args.dyn_epsilon,
+            bptt: args.dyn_bptt,
+        },
+        search: args.dynamic_search,
+        search_tokens: args.dyn_search_tokens,
+        stats_batches: args.dyn_stats_batches.map(|n| n as usize),
+    });
+    let r =
+        eval::run(&args.checkpoint, &target, args.data_dir.as_deref(), args.device, args.batch_size, dynamic.as_ref())?;
+    if !r.search.is_empty() {
+        println!("validation perplexity, dynamic, first {} tokens:", args.dyn_search_tokens);
+        println!("{:>10} {:>8} {:>12}", "lr", "decay", "perplexity");
+        for (s, ppl) in &r.search {
+            println!("{:>10.1e} {:>8} {:>12.4}", s.lr, s.decay, ppl);
+        }
+    }
+    let notes: String = r.notes.iter().map(|n| format!("; {n}")).collect();
+    println!(
+        "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s{notes})",
+        r.name,
+        r.ppl,
+        r.tokens,
+        r.seconds,
+        r.tokens as f64 / r.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let opts = generate::GenerateOptions {
+        words: args.words,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+        allow_unk: args.allow_unk,
+        until_eos: args.until_eos,
+        samples: args.samples,
+    };
+    opts.validate()?;
+    let ckpt = Checkpoint::load(&args.checkpoint)?;
+    let model = ckpt.model(device::resolve(args.device)?)?;
+    let vocab = ckpt.vocab()?;
+    let prompt = generate::read_prompt(&vocab, &args.prompt)?;
+    if !prompt.unknown.is_empty() {
+        eprintln!("warning: not in the vocabulary, read as <unk>: {}", prompt.unknown.join(", "));
+    }
+    generate::generate(&model, &vocab, &prompt, &opts, &mut std::io::stdout().lock())
+}
+
+fn print_info() {
+    println!("ptb-lm {} (tch 0.24, libtorch 2.11.0)", env!("CARGO_PKG_VERSION"));
+    println!("cuda available: {}", tch::Cuda::is_available());
+    println!("cuda devices: {}", tch::Cuda::device_count());
+    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+    let graphs = match (ptb_lm::cuda::available(), tch::Cuda::is_available()) {
+        (true, true) => "usable",
+        (true, false) => "built in, but not usable here (no GPU)",
+        (false, _) => "not built into this ptb-lm",
+    };
+    println!("cuda graphs: {graphs}");
+    println!("cpu threads: {}", tch::get_num_threads());
 }
 
 /// Last line of defence: a panic (e.g. tch's plain methods on a libtorch error that no check

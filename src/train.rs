@@ -687,20 +687,7 @@ impl Session {
         let epoch = self.pos.epoch;
         let train_ppl = (self.pos.loss_sum / self.pos.loss_batches.max(1) as f64).exp();
         let lr_used = self.schedule.lr;
-        let t = Instant::now();
-        let valid_b = &self.splits.valid;
-        let valid_ppl = self.step.with_averaged(|m| eval::perplexity(m, valid_b));
-        let valid_seconds = t.elapsed().as_secs_f64();
-        if diverged(valid_ppl.ln(), self.vocab_size()) {
-            bail!(
-                "epoch {}: the validation perplexity is {valid_ppl} although training was sound (the weights \
-                 diverged on other data); nothing of this epoch was saved: {} holds the state before it \
-                 (`ptb-lm train --resume {}`), or start again with a smaller train.lr",
-                epoch + 1,
-                self.run.last().display(),
-                self.run.root.display()
-            );
-        }
+        let (valid_ppl, valid_seconds) = self.validate()?;
         let averaging = self.step.averaging();
         let start_averaging = self.cfg.train.asgd
             && !averaging
@@ -712,10 +699,8 @@ impl Session {
         if improved {
             self.save_best(valid_ppl)?;
         }
-        let mut note = String::new();
         if start_averaging {
             self.step.start_averaging(None);
-            note = " | averaging from now on".to_string();
         }
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -733,12 +718,7 @@ impl Session {
             peak_gpu_mib: device::peak_gpu_mib(self.device),
             peak_rss_mib: device::peak_rss_mib(),
         };
-        self.metrics.append(&record)?;
-        self.records.push(record.clone());
-        let title = format!("{}: perplexity per epoch", self.run.root.display());
-        if let Err(e) = plot::perplexity_png(&self.records, &self.run.plot(), &title) {
-            self.reporter.warn(&format!("{e:#}"));
-        }
+        self.record(&record)?;
         self.pos.epoch += 1;
         self.pos.batch = 0;
         self.pos.loss_sum = 0.0;
@@ -750,6 +730,42 @@ impl Session {
         // are also the ones in use (not averaging).
         self.save_last((!averaging).then_some(valid_ppl))?;
         self.epoch_walls.push(record.seconds + record.valid_seconds);
+        self.reporter.line(&self.epoch_line(&record, start_averaging));
+        Ok(())
+    }
+
+    /// Validation perplexity (of the averaged weights under averaged SGD) and its seconds;
+    /// a diverged one is an error, before anything of the epoch is saved.
+    fn validate(&mut self) -> Result<(f64, f64)> {
+        let t = Instant::now();
+        let valid_b = &self.splits.valid;
+        let valid_ppl = self.step.with_averaged(|m| eval::perplexity(m, valid_b));
+        if diverged(valid_ppl.ln(), self.vocab_size()) {
+            bail!(
+                "epoch {}: the validation perplexity is {valid_ppl} although training was sound (the weights \
+                 diverged on other data); nothing of this epoch was saved: {} holds the state before it \
+                 (`ptb-lm train --resume {}`), or start again with a smaller train.lr",
+                self.pos.epoch + 1,
+                self.run.last().display(),
+                self.run.root.display()
+            );
+        }
+        Ok((valid_ppl, t.elapsed().as_secs_f64()))
+    }
+
+    /// Appends the epoch to metrics.jsonl and redraws the plot.
+    fn record(&mut self, record: &EpochRecord) -> Result<()> {
+        self.metrics.append(record)?;
+        self.records.push(record.clone());
+        let title = format!("{}: perplexity per epoch", self.run.root.display());
+        if let Err(e) = plot::perplexity_png(&self.records, &self.run.plot(), &title) {
+            self.reporter.warn(&format!("{e:#}"));
+        }
+        Ok(())
+    }
+
+    /// "epoch   3 | lr ... | best | ETA 12 min".
+    fn epoch_line(&self, record: &EpochRecord, started_averaging: bool) -> String {
         let left = self.cfg.train.epochs - self.pos.epoch;
         let eta = if left > 0 {
             let mean = self.epoch_walls.iter().sum::<f64>() / self.epoch_walls.len() as f64;
@@ -757,7 +773,7 @@ impl Session {
         } else {
             String::new()
         };
-        self.reporter.line(&format!(
+        format!(
             "epoch {:>3} | lr {:>8.4} | train ppl {:>9.2} | valid ppl {:>9.2} | {:>6.1}k tok/s | {:>6.1} s{}{}{eta}",
             record.epoch,
             record.lr,
@@ -765,10 +781,9 @@ impl Session {
             record.valid_ppl,
             record.tokens_per_s / 1000.0,
             record.seconds,
-            if improved { " | best" } else { "" },
-            note
-        ));
-        Ok(())
+            if record.improved { " | best" } else { "" },
+            if started_averaging { " | averaging from now on" } else { "" },
+        )
     }
 
     fn meta(&self, valid_ppl: Option<f64>, resume: Option<Resume>) -> Meta {
