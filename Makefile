@@ -21,6 +21,7 @@ ENV := source scripts/env.sh &&
 
 setup:
 	@scripts/setup-libtorch.sh >/dev/null
+	@scripts/setup-gloo.sh
 
 data:
 	@scripts/download_ptb.sh --dest $(PTB_DIR)

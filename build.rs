@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(ptb_cuda_shim)");
+    println!("cargo::rustc-check-cfg=cfg(ptb_gloo)");
+    println!("cargo:rerun-if-changed=src/dist.cpp");
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     println!("cargo:rerun-if-changed=src/cuda.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
 
@@ -25,6 +28,7 @@ fn main() {
     }
 
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
+    build_gloo_shim(&include);
     match (has_cuda, cuda_headers(&lib)) {
         (true, Some(cuda_include)) if include.join("ATen/cuda/CUDAGraph.h").exists() => {
             cc::Build::new()
@@ -50,6 +54,38 @@ fn main() {
         ),
         _ => {}
     }
+}
+
+/// The torch.distributed shim (`src/dist.cpp`): c10d's TCPStore and ProcessGroupGloo live in
+/// libtorch_cpu, but ProcessGroupGloo.hpp needs gloo's headers, which the torch wheel does
+/// not ship; Debian's libgloo-dev has them (GLOO_INCLUDE names another directory holding
+/// `gloo/`). Without them ptb-lm builds without multi-process training (`dist::available()`
+/// is false, and `--nproc` says what to install).
+fn build_gloo_shim(include: &Path) {
+    let gloo = env::var("GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/usr/include"));
+    // Built again once the headers are installed.
+    println!("cargo:rerun-if-changed={}", gloo.join("gloo/algorithm.h").display());
+    let header = include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp");
+    if !(gloo.join("gloo/algorithm.h").exists() && header.exists()) {
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&gloo)
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DUSE_C10D_GLOO")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("src/dist.cpp")
+        .compile("ptb_dist_shim");
+    for l in ["torch_cpu", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={l}");
+    }
+    println!("cargo:rustc-cfg=ptb_gloo");
 }
 
 /// The directory holding `cuda_runtime_api.h`: CUDA_HOME, the PyPI wheel's nvidia

@@ -641,6 +641,16 @@ impl Batches {
         Ok(Batches { inputs: streams(0), targets: streams(1), bptt, len: len as usize })
     }
 
+    /// The streams `[start, start + len)` only (a data-parallel rank's share).
+    pub fn shard(&self, start: i64, len: i64) -> Batches {
+        Batches {
+            inputs: self.inputs.narrow(1, start, len).contiguous(),
+            targets: self.targets.narrow(1, start, len).contiguous(),
+            bptt: self.bptt,
+            len: self.len,
+        }
+    }
+
     /// Number of batches (the book's `max_iters`).
     pub fn len(&self) -> usize {
         self.len

@@ -12,6 +12,7 @@
 //! * [`run`]: the run directory and its overwrite rule
 //! * [`metrics`], [`plot`], [`progress`]: what a run reports
 //! * [`device`], [`cuda`]: devices; CUDA graphs, precision knobs and memory statistics
+//! * [`dist`]: data-parallel training on torch.distributed (c10d, Gloo)
 //! * [`interrupt`]: Ctrl-C, SIGTERM and what each phase does with them
 //! * [`failpoint`]: test hooks that provoke faults (pauses, divergence) on any machine
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod dynamic;
 pub mod eval;
 pub mod failpoint;

@@ -65,6 +65,10 @@ struct TrainArgs {
     /// Train N epochs, then stop (resumable) and project the whole run's duration from them
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     stop_after: Option<u64>,
+    /// Data-parallel training in N local processes (torch.distributed, Gloo on the CPU); a
+    /// process started by a launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) is one rank
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    nproc: Option<u64>,
 }
 
 impl TrainArgs {
@@ -203,7 +207,10 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<train::Interrupted>() => {
-            eprintln!("{e}");
+            // In data-parallel training rank 0 says it for the group.
+            if std::env::var("RANK").map_or(true, |r| r == "0") {
+                eprintln!("{e}");
+            }
             ExitCode::from(interrupt::EXIT_CODE as u8)
         }
         Err(e) => {
@@ -227,6 +234,25 @@ fn dispatch(command: Command) -> Result<()> {
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
+    if let Some(n) = args.nproc.filter(|&n| n > 1) {
+        if std::env::var_os("WORLD_SIZE").is_some() {
+            anyhow::bail!("--nproc starts its own ranks: leave it out where a launcher set WORLD_SIZE");
+        }
+        // The same command line, less --nproc, for every rank.
+        let mut rest = Vec::new();
+        let mut skip = false;
+        for a in std::env::args_os().skip(1) {
+            let s = a.to_string_lossy();
+            if skip {
+                skip = false;
+            } else if s == "--nproc" {
+                skip = true;
+            } else if !s.starts_with("--nproc=") {
+                rest.push(a);
+            }
+        }
+        std::process::exit(ptb_lm::dist::launch_local(n as usize, &rest)?);
+    }
     // A closed stdout must not kill a training run: writes then fail, and training stops as
     // on Ctrl-C, with a resumable checkpoint.
     // SAFETY: changing a signal disposition; no handler code runs.
@@ -247,7 +273,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     use std::io::Write;
     let _ = match outcome {
         train::Outcome::Finished(s) if args.quiet => writeln!(std::io::stdout(), "test perplexity: {:.4}", s.test_ppl),
-        train::Outcome::Finished(_) => Ok(()),
+        train::Outcome::Finished(_) | train::Outcome::Worker => Ok(()),
         train::Outcome::Stopped(p) => writeln!(std::io::stdout(), "{p}"),
     };
     Ok(())

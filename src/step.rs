@@ -9,10 +9,12 @@
 
 use crate::config::{Precision, TrainConfig};
 use crate::cuda::CudaGraph;
+use crate::dist::Group;
 use crate::failpoint::Divergence;
 use crate::model::{LstmLm, State};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
+use std::rc::Rc;
 use tch::{Kind, Tensor};
 
 /// Eager steps run on the capture stream before capturing (as torch.cuda.graph's docs ask).
@@ -52,6 +54,8 @@ pub struct TrainStep {
     avg: Option<(Vec<Tensor>, Tensor)>,
     /// Last known-good copies (see [`TrainStep::snapshot`]).
     good: Option<Snapshot>,
+    /// The process group of data-parallel training, if any.
+    group: Option<Rc<Group>>,
 }
 
 impl TrainStep {
@@ -85,6 +89,7 @@ impl TrainStep {
             mode,
             avg: None,
             good: None,
+            group: None,
             model,
         })
     }
@@ -133,7 +138,7 @@ impl TrainStep {
         match mode {
             Mode::Eager => {
                 tch::manual_seed(seed);
-                self.compute();
+                self.compute()?;
             }
             Mode::Graph { graph, warmed } => {
                 let device = crate::device::index(self.model.device());
@@ -143,12 +148,12 @@ impl TrainStep {
                 let g = graph.as_mut().expect("set above");
                 if *warmed < WARMUP_STEPS {
                     tch::manual_seed(seed);
-                    g.warmup(|| self.compute())?;
+                    g.warmup(|| self.compute())??;
                     *warmed += 1;
                     return Ok(());
                 }
                 if !g.is_captured() {
-                    g.capture(|| self.compute())?;
+                    g.capture(|| self.compute())??;
                 }
                 // Seeded after capture, so a replay draws exactly what an eager step would.
                 tch::manual_seed(seed);
@@ -173,7 +178,7 @@ impl TrainStep {
         }
     }
 
-    fn compute(&self) {
+    fn compute(&self) -> Result<()> {
         for p in &self.params {
             let mut g = p.grad();
             if g.defined() {
@@ -195,6 +200,9 @@ impl TrainStep {
         // since tch's `loss += r` would change `loss` itself.
         let total = [ar, tar].into_iter().flatten().fold(loss.shallow_clone(), |sum, r| sum + r);
         total.backward();
+        if let Some(group) = &self.group {
+            self.sum_gradients(group)?;
+        }
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
             let step = if self.max_grad > 0.0 {
@@ -225,6 +233,33 @@ impl TrainStep {
                 }
             }
         });
+        Ok(())
+    }
+
+    /// Data-parallel training: every rank's gradient of its own streams' mean loss, summed
+    /// over the group in one all-reduce of one flat buffer, then divided by the number of
+    /// ranks: with equal shards, the gradient of the whole batch's mean loss, so the clipping
+    /// and the update see what one process would.
+    fn sum_gradients(&self, group: &Group) -> Result<()> {
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+            let flat = Tensor::cat(&grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+            group.allreduce_sum(&flat)?;
+            let flat = flat / group.world as f64;
+            let mut offset = 0;
+            for g in &grads {
+                let n = g.numel() as i64;
+                g.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(g));
+                offset += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// Joins a process group: gradients are summed over it every step (no CUDA graph then).
+    pub fn set_group(&mut self, group: Rc<Group>) {
+        self.mode = Mode::Eager;
+        self.group = Some(group);
     }
 
     /// Sum of the training losses since the last [`TrainStep::reset_loss_sum`] (synchronises).
@@ -281,17 +316,36 @@ impl TrainStep {
 
     /// What a resumable checkpoint keeps of the step besides the weights: the carried state
     /// (`state.h.{l}`, `state.c.{l}`) and, when averaging, the running means (`avg.{name}`).
-    pub fn resumable_state(&self) -> Vec<(String, Tensor)> {
-        let mut out = self.state.named();
+    /// In data-parallel training each rank holds its own streams' state: it is gathered
+    /// (every rank must call this) so the checkpoint is the one a single process writes.
+    pub fn resumable_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = match &self.group {
+            None => self.state.named(),
+            Some(g) => tch::no_grad(|| {
+                self.state
+                    .named()
+                    .into_iter()
+                    .map(|(name, t)| {
+                        let s = t.size();
+                        let full = Tensor::zeros([s[0], s[1] * g.world as i64, s[2]], (t.kind(), t.device()));
+                        let (start, len) = g.shard(s[1] * g.world as i64);
+                        full.narrow(1, start, len).copy_(&t);
+                        g.allreduce_sum(&full)?;
+                        Ok((name, full))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?,
+        };
         if let Some(avg) = self.averaged_named() {
             out.extend(avg.into_iter().map(|(n, t)| (format!("avg.{n}"), t)));
         }
-        out
+        Ok(out)
     }
 
     /// Puts back what [`TrainStep::resumable_state`] saved (`asgd_count` iterates averaged;
     /// 0: not averaging); `source` names the file in errors.
     pub fn restore_resumable(&mut self, saved: &[(String, Tensor)], asgd_count: u64, source: &Path) -> Result<()> {
+        let shard = self.group.as_ref().map(|g| g.shard(self.state.h[0].size()[1] * g.world as i64));
         let find = |name: &str| {
             saved
                 .iter()
@@ -301,11 +355,17 @@ impl TrainStep {
         };
         tch::no_grad(|| -> Result<()> {
             for (name, t) in self.state.named() {
-                let src = find(&name)?;
+                // A data-parallel rank carries only its own streams' state.
+                let src = match shard {
+                    Some((start, len)) if find(&name)?.size().get(1).is_some_and(|&b| b >= start + len) => {
+                        find(&name)?.narrow(1, start, len)
+                    }
+                    _ => find(&name)?.shallow_clone(),
+                };
                 if src.size() != t.size() {
                     bail!("{}: '{name}' has shape {:?}, expected {:?}", source.display(), src.size(), t.size());
                 }
-                t.shallow_clone().copy_(src);
+                t.shallow_clone().copy_(&src);
             }
             Ok(())
         })?;

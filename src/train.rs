@@ -11,6 +11,7 @@ use crate::checkpoint::{self, Checkpoint, Meta, Resume};
 use crate::config::Config;
 use crate::data::{self, Batches, Corpus, Split};
 use crate::device;
+use crate::dist::{self, Group, Launch};
 use crate::eval;
 use crate::failpoint;
 use crate::interrupt;
@@ -24,13 +25,18 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 /// How often (at most) the loop synchronises with the device to read the loss, check it is
 /// finite and update the progress bar.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// In data-parallel training every rank must check at the same steps: every this many
+/// batches (and at each epoch's end), not by the clock.
+const DIST_CHECK_BATCHES: usize = 25;
 
 /// Training seconds after which the run's duration is projected (once per process).
 const PROJECT_AFTER_S: f64 = 10.0;
@@ -52,6 +58,8 @@ pub enum Outcome {
     Finished(Summary),
     /// Stopped after `--stop-after` epochs as asked.
     Stopped(Projection),
+    /// A data-parallel rank other than 0 finished its part (rank 0 reports).
+    Worker,
 }
 
 /// What the epochs of a `--stop-after` process measured, and what it makes of the whole run.
@@ -203,19 +211,53 @@ pub fn train(mut cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<
     let corpus = load_corpus(&mut cfg)?;
     let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
-    let _lock = run.lock()?;
-    run.prepare_fresh(&cfg, opts.overwrite)?;
-    run.write_corpus(&corpus.info)?;
+    let group = join_group(&cfg, device)?;
+    let _lock = if leads(&group) {
+        let lock = run.lock()?;
+        run.prepare_fresh(&cfg, opts.overwrite)?;
+        run.write_corpus(&corpus.info)?;
+        Some(lock)
+    } else {
+        None
+    };
     failpoint::pause("setup");
     tch::manual_seed(cfg.train.seed as i64);
     let model = LstmLm::new(&cfg.model, device, Kind::Float)?;
-    Session::new(cfg, corpus, splits, model, device, run, opts, None)?.run(stop)
+    Session::new(cfg, corpus, splits, model, device, run, opts, None, group)?.run(stop)
+}
+
+/// Joins the process group the launcher's environment describes, if any (see [`crate::dist`]).
+fn join_group(cfg: &Config, device: Device) -> Result<Option<Rc<Group>>> {
+    let Some(launch) = Launch::from_env()? else { return Ok(None) };
+    if !dist::available() {
+        bail!("{}", dist::INSTALL_HINT);
+    }
+    if device.is_cuda() {
+        bail!(
+            "data-parallel training on CUDA needs the NCCL backend, which this ptb-lm does not build yet; \
+             use --device cpu (Gloo)"
+        );
+    }
+    if cfg.train.batch_size % launch.world as i64 != 0 {
+        bail!(
+            "train.batch_size = {} is not divisible by the {} ranks (WORLD_SIZE): each rank trains an equal share of the streams",
+            cfg.train.batch_size,
+            launch.world
+        );
+    }
+    Ok(Some(Rc::new(Group::join(&launch)?)))
+}
+
+/// Whether this process writes the run (the only one, or rank 0).
+fn leads(group: &Option<Rc<Group>>) -> bool {
+    group.as_ref().is_none_or(|g| g.rank == 0)
 }
 
 /// Continues the run in `run_dir` from its `last/` checkpoint. `overrides` may change only
 /// keys that do not alter what is computed (epochs, device, data dir, safety settings).
 pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &AtomicBool) -> Result<Outcome> {
     let run = RunDir::new(run_dir);
+    let ranked = Launch::from_env()?.is_some();
     let last = run.last();
     if !last.is_dir() {
         if run_dir.file_name().is_some_and(|n| n == "last" || n == "best") && run_dir.join(checkpoint::META).is_file() {
@@ -230,7 +272,7 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
             run_dir.display()
         );
     }
-    let _lock = run.lock()?;
+    let _lock = if ranked { None } else { Some(run.lock()?) };
     let ckpt = Checkpoint::load(&last)?;
     let Some(position) = ckpt.meta.resume.clone() else {
         bail!("{}: this checkpoint is not resumable (no training position)", last.display());
@@ -250,9 +292,13 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
     data::check_vocab(&corpus.vocab, &ckpt.vocab()?, &corpus.file(Split::Train), &last)?;
     let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
+    let group = join_group(&cfg, device)?;
+    let _rank_lock = if ranked && leads(&group) { Some(run.lock()?) } else { None };
     let model = ckpt.model(device)?;
-    run.write_config(&cfg)?;
-    Session::new(cfg, corpus, splits, model, device, run, opts, Some(ckpt))?.run(stop)
+    if leads(&group) {
+        run.write_config(&cfg)?;
+    }
+    Session::new(cfg, corpus, splits, model, device, run, opts, Some(ckpt), group)?.run(stop)
 }
 
 /// The saved config with `overrides` applied, refused when they change what is computed.
@@ -372,6 +418,8 @@ struct Session {
     resumed: bool,
     /// See [`TrainOptions::stop_after`].
     stop_after: Option<usize>,
+    /// The process group of data-parallel training (None: this process alone).
+    group: Option<Rc<Group>>,
 }
 
 impl Session {
@@ -385,10 +433,22 @@ impl Session {
         run: RunDir,
         opts: &TrainOptions,
         resumed: Option<Checkpoint>,
+        group: Option<Rc<Group>>,
     ) -> Result<Session> {
         let t = &cfg.train;
-        let use_graph = t.cuda_graph && device.is_cuda() && crate::cuda::available();
-        let mut step = TrainStep::new(model, t, use_graph)?;
+        let use_graph = t.cuda_graph && device.is_cuda() && crate::cuda::available() && group.is_none();
+        let mut splits = splits;
+        // A data-parallel rank trains its own block of the streams, with its own state.
+        let mut local = t.clone();
+        if let Some(g) = &group {
+            let (start, len) = g.shard(t.batch_size);
+            splits.train = splits.train.shard(start, len);
+            local.batch_size = len;
+        }
+        let mut step = TrainStep::new(model, &local, use_graph)?;
+        if let Some(g) = &group {
+            step.set_group(g.clone());
+        }
         let metrics = MetricsLog::new(run.metrics());
         let mut schedule = LrSchedule { lr: t.lr, factor: t.lr_decay, best: None };
         let (pos, records) = match &resumed {
@@ -399,12 +459,12 @@ impl Session {
                 schedule.best = ckpt.meta.best_valid_ppl;
                 step.restore_resumable(&ckpt.state, pos.asgd_count, &ckpt.dir.join(checkpoint::STATE))?;
                 step.reset_loss_sum(pos.loss_sum);
-                let records = metrics.keep_before(pos.epoch + 1)?;
+                let records = if leads(&group) { metrics.keep_before(pos.epoch + 1)? } else { Vec::new() };
                 (pos, records)
             }
         };
         Ok(Session {
-            reporter: Reporter::new(opts.quiet),
+            reporter: Reporter::new(opts.quiet || !leads(&group)),
             cfg,
             corpus,
             device,
@@ -419,7 +479,35 @@ impl Session {
             projected: false,
             resumed: resumed.is_some(),
             stop_after: opts.stop_after,
+            group,
         })
+    }
+
+    fn leads(&self) -> bool {
+        leads(&self.group)
+    }
+
+    /// Training tokens per step, over every rank.
+    fn tokens_per_batch(&self) -> f64 {
+        self.splits.train.tokens_per_batch() as f64 * self.group.as_ref().map_or(1, |g| g.world) as f64
+    }
+
+    /// What every rank agrees on at a check: the mean of the ranks' loss sums, and whether
+    /// any of them is to stop. Alone: its own.
+    fn agree(&self, loss_sum: f64, stopping: bool) -> Result<(f64, bool)> {
+        let Some(g) = &self.group else { return Ok((loss_sum, stopping)) };
+        let t = Tensor::from_slice(&[loss_sum, if stopping { 1.0 } else { 0.0 }]);
+        g.allreduce_sum(&t)?;
+        let v = Vec::<f64>::try_from(&t)?;
+        Ok((v[0] / g.world as f64, v[1] > 0.0))
+    }
+
+    /// Rank 0's value of `x`, on every rank (so every rank takes the same decisions).
+    fn leaders_value(&self, x: f64) -> Result<f64> {
+        let Some(g) = &self.group else { return Ok(x) };
+        let t = Tensor::from_slice(&[if g.rank == 0 { x } else { 0.0 }]);
+        g.allreduce_sum(&t)?;
+        Ok(Vec::<f64>::try_from(&t)?[0])
     }
 
     fn vocab_size(&self) -> i64 {
@@ -451,13 +539,16 @@ impl Session {
                     return Err(self.interrupted(false).into());
                 }
                 if self.stop_after.is_some_and(|n| self.epoch_walls.len() >= n) && self.pos.epoch < epochs {
-                    return Ok(Outcome::Stopped(self.projection()));
+                    return Ok(if self.leads() { Outcome::Stopped(self.projection()) } else { Outcome::Worker });
                 }
             }
         }
         self.reporter.finish();
         if self.stopping(stop) {
             return Err(self.interrupted(true).into());
+        }
+        if !self.leads() {
+            return Ok(Outcome::Worker);
         }
         failpoint::pause("test");
         self.finish().map(Outcome::Finished)
@@ -539,12 +630,16 @@ impl Session {
             counted += 1;
             k += 1;
             let stopping = self.stopping(stop);
-            if !(stopping || k == n || last_check.elapsed() >= CHECK_EVERY) {
+            let due = match self.group {
+                None => stopping || k == n || last_check.elapsed() >= CHECK_EVERY,
+                Some(_) => k == n || k % DIST_CHECK_BATCHES == 0,
+            };
+            if !due {
                 continue;
             }
             last_check = Instant::now();
             let elapsed = self.pos.seconds + t0.elapsed().as_secs_f64();
-            let sum = self.step.loss_sum();
+            let (sum, stopping) = self.agree(self.step.loss_sum(), stopping)?;
             let mean = (sum - sound.loss_sum) / (counted - sound.counted).max(1) as f64;
             if diverged(mean, self.vocab_size()) || !self.step.weights_finite() {
                 self.recover(k - 1, sound, mean, elapsed)?;
@@ -582,7 +677,9 @@ impl Session {
     /// One training step on batch `k` (leaving CUDA graphs if a capture fails).
     fn run_step(&mut self, k: usize) -> Result<()> {
         let (x, y) = self.splits.train.get(k);
-        let seed = step_seed(self.cfg.train.seed, self.pos.epoch, k);
+        // Each rank draws its own dropout masks for its own streams.
+        let rank = self.group.as_ref().map_or(0, |g| g.rank as u64);
+        let seed = step_seed(self.cfg.train.seed ^ rank.wrapping_mul(0xD1B5_4A32_D192_ED03), self.pos.epoch, k);
         // The schedule decides the learning rate; this is the one place it reaches the step.
         self.step.set_lr(self.schedule.lr);
         if let Err(e) = self.step.run(&x, &y, seed) {
@@ -606,7 +703,7 @@ impl Session {
         if now.batch > before.batch && now.counted > before.counted {
             let batches = (now.counted - before.counted) as f64;
             let ppl = ((now.loss_sum - before.loss_sum) / batches).exp();
-            let speed = batches * self.splits.train.tokens_per_batch() as f64 / (elapsed - e0).max(1e-9);
+            let speed = batches * self.tokens_per_batch() / (elapsed - e0).max(1e-9);
             self.reporter.update(now.batch, ppl, self.schedule.lr, speed);
             if !self.projected && (elapsed >= PROJECT_AFTER_S || epoch_end) {
                 self.projected = true;
@@ -620,7 +717,7 @@ impl Session {
     /// included, estimated at twice the training speed), and on a CPU which run fits one.
     fn project(&self, speed: f64) {
         let t = &self.cfg.train;
-        let per_epoch = self.splits.train.len() as f64 * self.splits.train.tokens_per_batch() as f64 / speed
+        let per_epoch = self.splits.train.len() as f64 * self.tokens_per_batch() / speed
             + self.splits.valid.len() as f64 * self.splits.valid.tokens_per_batch() as f64 / (2.0 * speed);
         let remaining = (t.epochs - self.pos.epoch) as f64 * per_epoch;
         let mut msg = format!(
@@ -707,8 +804,7 @@ impl Session {
             lr: lr_used,
             train_ppl,
             valid_ppl,
-            tokens_per_s: (self.pos.loss_batches as f64 * self.splits.train.tokens_per_batch() as f64)
-                / self.pos.seconds.max(1e-9),
+            tokens_per_s: (self.pos.loss_batches as f64 * self.tokens_per_batch()) / self.pos.seconds.max(1e-9),
             seconds: self.pos.seconds,
             valid_seconds,
             device: device::name(self.device),
@@ -740,6 +836,7 @@ impl Session {
         let t = Instant::now();
         let valid_b = &self.splits.valid;
         let valid_ppl = self.step.with_averaged(|m| eval::perplexity(m, valid_b));
+        let valid_ppl = self.leaders_value(valid_ppl)?;
         if diverged(valid_ppl.ln(), self.vocab_size()) {
             bail!(
                 "epoch {}: the validation perplexity is {valid_ppl} although training was sound (the weights \
@@ -755,8 +852,11 @@ impl Session {
 
     /// Appends the epoch to metrics.jsonl and redraws the plot.
     fn record(&mut self, record: &EpochRecord) -> Result<()> {
-        self.metrics.append(record)?;
         self.records.push(record.clone());
+        if !self.leads() {
+            return Ok(());
+        }
+        self.metrics.append(record)?;
         let title = format!("{}: perplexity per epoch", self.run.root.display());
         if let Err(e) = plot::perplexity_png(&self.records, &self.run.plot(), &title) {
             self.reporter.warn(&format!("{e:#}"));
@@ -811,6 +911,9 @@ impl Session {
     /// The weights that were just validated (the averaged ones under averaged SGD).
     fn save_best(&mut self, valid_ppl: f64) -> Result<()> {
         self.ensure_finite()?;
+        if !self.leads() {
+            return Ok(());
+        }
         let weights = self.step.averaged_named().unwrap_or_else(|| self.step.model.named_parameters());
         let mut meta = self.meta(Some(valid_ppl), None);
         meta.epoch += 1;
@@ -820,8 +923,12 @@ impl Session {
     fn save_last(&mut self, valid_ppl: Option<f64>) -> Result<()> {
         self.ensure_finite()?;
         self.pos.asgd_count = self.step.averaged_count();
+        let state = self.step.resumable_state()?;
+        if !self.leads() {
+            return Ok(());
+        }
         let meta = self.meta(valid_ppl, Some(self.pos.clone()));
-        checkpoint::save(&self.run.last(), &meta, &self.step.model.named_parameters(), &self.step.resumable_state())
+        checkpoint::save(&self.run.last(), &meta, &self.step.model.named_parameters(), &state)
     }
 
     fn finish(self) -> Result<Summary> {
