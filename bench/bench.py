@@ -7,6 +7,7 @@ eval tokens/s, peak GPU memory (allocator), peak RSS, validation perplexity, and
 to PyTorch. The first epoch of every run includes warm-up; the table reports the last one.
 
 usage: bench/bench.py [--config FILE ...] [--epochs 2] [--bin target/release/ptb-lm]
+       bench/bench.py --ranks [--config configs/rnnlm.toml]   (1 process vs 2 Gloo ranks, CPU)
 Default configs: configs/better.toml (every speed path) and configs/best.toml (the
 regularised recipe: as configured and without the CUDA graph, against the same recipe in
 PyTorch) on a GPU; configs/rnnlm.toml on CPU. One table per config.
@@ -97,14 +98,39 @@ def bench(a, config, cuda, device, machine):
                       "runs": {name: recs for name, _, recs in rows}}))
 
 
+def bench_ranks(a):
+    """One process (all cores, and one thread) against two Gloo ranks of one thread each, on
+    the CPU: train tokens/s of one epoch of a 200,000-token slice."""
+    config = (a.config or [os.path.join(ROOT, "configs", "rnnlm.toml")])[0]
+    runs = [("1 process, all cores", [], []), ("1 process, 1 thread", ["--threads", "1"], []),
+            ("2 Gloo ranks, 1 thread each", ["--threads", "1"], ["--nproc", "2"])]
+    print(f"\n{os.path.relpath(config, ROOT)}, 200,000 training tokens, 1 epoch, CPU, {os.cpu_count()} cores\n")
+    print("| run | train tokens/s | s/epoch | valid ppl |")
+    print("|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, pre, post) in enumerate(runs):
+            out = os.path.join(tmp, f"r{i}")
+            args = [a.bin] + pre + ["train", "--config", config, "--epochs", "1", "--out-dir", out, "--device", "cpu",
+                                    "--set", "data.train_tokens=200000", "--quiet"] + post
+            if a.data_dir:
+                args += ["--data-dir", a.data_dir]
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                r = json.loads(f.readline())
+            print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['seconds']:.1f} | {r['valid_ppl']:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", action="store_true", help="1 process vs 2 Gloo ranks on the CPU")
     ap.add_argument("--config", action="append")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "ptb-lm"))
     ap.add_argument("--data-dir")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
+    if a.ranks:
+        return bench_ranks(a)
     import torch
     cuda = torch.cuda.is_available() and a.device != "cpu"
     device = "cuda" if cuda else "cpu"
