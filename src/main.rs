@@ -348,6 +348,10 @@ fn print_info() {
         (false, _) => "not built into this ptb-lm",
     };
     println!("cuda graphs: {graphs}");
+    println!(
+        "multi-process training: {}",
+        if ptb_lm::dist::available() { "Gloo (CPU)" } else { "not built (install libgloo-dev and build again)" }
+    );
     println!("cpu threads: {}", tch::get_num_threads());
 }
 
