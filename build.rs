@@ -14,6 +14,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(ptb_cuda_shim)");
     println!("cargo::rustc-check-cfg=cfg(ptb_gloo)");
     println!("cargo:rerun-if-changed=src/dist.cpp");
+    println!("cargo:rerun-if-changed=src/shim.hpp");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     println!("cargo:rerun-if-changed=src/cuda.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");

@@ -15,18 +15,15 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+
+#include "shim.hpp"
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 
 namespace {
 
-char* copy_message(const char* msg) {
-  size_t n = std::strlen(msg) + 1;
-  char* out = static_cast<char*>(std::malloc(n));
-  if (out != nullptr) std::memcpy(out, msg, n);
-  return out;
-}
+using ptb_shim::guarded;
 
 // `waiter` will not run work queued after this call before `waited`'s current work is done.
 void stream_wait(const c10::cuda::CUDAStream& waiter, const c10::cuda::CUDAStream& waited) {
@@ -44,19 +41,6 @@ struct Graph {
   c10::cuda::CUDAStream side;
   c10::cuda::CUDAStream outer;
 };
-
-template <typename F>
-int guarded(char** err, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr) *err = copy_message(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = copy_message("unknown C++ exception");
-  }
-  return 1;
-}
 
 }  // namespace
 

@@ -110,21 +110,28 @@ pub struct CudaGraph {
     captured: bool,
 }
 
+/// The first line of a message a C++ shim (`cuda.cpp`, `dist.cpp`) returned, which is then
+/// freed with the shim's `free` (null: "unknown error").
+#[cfg(any(ptb_cuda_shim, ptb_gloo))]
+pub(crate) fn shim_message(
+    err: *mut std::os::raw::c_char,
+    free: unsafe extern "C" fn(*mut std::os::raw::c_char),
+) -> String {
+    if err.is_null() {
+        return "unknown error".to_string();
+    }
+    // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed right after.
+    let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { free(err) };
+    s.lines().next().unwrap_or_default().to_string()
+}
+
 #[cfg(ptb_cuda_shim)]
 fn check(rc: i32, err: *mut std::os::raw::c_char, what: &str) -> Result<()> {
     if rc == 0 {
         return Ok(());
     }
-    let msg = if err.is_null() {
-        "unknown error".to_string()
-    } else {
-        // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed right after.
-        let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
-        unsafe { ffi::ptb_free_message(err) };
-        s
-    };
-    let first = msg.lines().next().unwrap_or_default().to_string();
-    anyhow::bail!("CUDA {what}: {first}")
+    anyhow::bail!("CUDA {what}: {}", shim_message(err, ffi::ptb_free_message))
 }
 
 impl CudaGraph {

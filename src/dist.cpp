@@ -9,6 +9,8 @@
 
 #include <chrono>
 #include <cstdint>
+
+#include "shim.hpp"
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -17,25 +19,7 @@
 
 namespace {
 
-char* copy_message(const char* msg) {
-  size_t n = std::strlen(msg) + 1;
-  char* out = static_cast<char*>(std::malloc(n));
-  if (out != nullptr) std::memcpy(out, msg, n);
-  return out;
-}
-
-template <typename F>
-int guarded(char** err, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr) *err = copy_message(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = copy_message("unknown C++ exception");
-  }
-  return 1;
-}
+using ptb_shim::guarded;
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;

@@ -87,15 +87,7 @@ fn check(rc: i32, err: *mut std::os::raw::c_char, what: &str, rank: usize) -> Re
     if rc == 0 {
         return Ok(());
     }
-    let msg = if err.is_null() {
-        "unknown error".to_string()
-    } else {
-        // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed right after.
-        let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
-        unsafe { ffi::ptb_dist_free_message(err) };
-        s
-    };
-    let first = msg.lines().next().unwrap_or_default().to_string();
+    let first = crate::cuda::shim_message(err, ffi::ptb_dist_free_message);
     bail!("rank {rank}: {what} failed (another rank stopped, or the group timed out): {first}")
 }
 

@@ -30,8 +30,23 @@ fn records(run: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string()
+/// Two ranks started by hand, as a launcher would (a free port, collectives time out in 20 s).
+fn spawn_ranks(s: &Sandbox, cfg: &str, epochs: &str) -> Vec<std::process::Child> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    (0..2)
+        .map(|r| {
+            s.command(&["train", "--config", cfg, "--epochs", epochs])
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("PTB_LM_DIST_TIMEOUT", "20")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
 }
 
 #[test]
@@ -66,20 +81,7 @@ fn ranks_started_by_hand_from_the_launcher_variables_train_together() {
     }
     let s = Sandbox::new();
     let cfg = stable(&s);
-    let port = free_port();
-    let ranks: Vec<_> = (0..2)
-        .map(|r| {
-            s.command(&["train", "--config", &cfg, "--epochs", "1"])
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let ranks = spawn_ranks(&s, &cfg, "1");
     let outs: Vec<_> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
     for o in &outs {
         assert_success(o);
@@ -96,21 +98,7 @@ fn a_killed_rank_ends_the_others_with_a_one_line_error() {
     }
     let s = Sandbox::new();
     let cfg = stable(&s);
-    let port = free_port();
-    let mut ranks: Vec<_> = (0..2)
-        .map(|r| {
-            s.command(&["train", "--config", &cfg, "--epochs", "1000"])
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("PTB_LM_DIST_TIMEOUT", "20")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut ranks = spawn_ranks(&s, &cfg, "1000");
     let mut out = BufReader::new(ranks[0].stdout.take().unwrap());
     let mut line = String::new();
     while !line.contains("epoch   1 |") {
