@@ -568,12 +568,17 @@ impl Corpus {
         bptt: i64,
         device: Device,
     ) -> Result<Batches> {
-        let limit = match split {
-            Split::Train => cfg.train_tokens,
-            Split::Valid => cfg.valid_tokens,
-            Split::Test => cfg.test_tokens,
-        };
+        let limit = token_limit(cfg, split);
         batches_of(truncate(self.split(split), limit), split, &self.file(split), limit, batch, bptt, device)
+    }
+}
+
+/// The cap `cfg` puts on `split` (`data.{split}_tokens`), if any.
+pub fn token_limit(cfg: &DataConfig, split: Split) -> Option<usize> {
+    match split {
+        Split::Train => cfg.train_tokens,
+        Split::Valid => cfg.valid_tokens,
+        Split::Test => cfg.test_tokens,
     }
 }
 

@@ -108,22 +108,22 @@ pub fn run(
     }
     let model = ckpt.model(device)?;
     let scored = Scored::read(target, &data, &vocab, checkpoint)?;
-    let notes = scored.notes.clone();
     if let Some(d) = dynamic {
         return run_dynamic(&model, &ckpt, &data, &vocab, scored, d);
     }
     let start = Instant::now();
-    let (ppl, tokens) = match (&scored.split, target) {
-        (Some(split), _) => {
-            let file = data::Layout::of(&data)?.file(*split);
+    let (ppl, tokens) = match scored.split {
+        Some(split) => {
+            let file = data::Layout::of(&data)?.file(split);
             let batch =
                 batch_size.map_or((cfg.train.eval_batch_size, "train.eval_batch_size"), |b| (b, "--batch-size"));
-            let batches = data::batches_of(&scored.ids, *split, &file, scored.limit, batch, cfg.train.bptt, device)?;
+            let batches = data::batches_of(&scored.ids, split, &file, scored.limit, batch, cfg.train.bptt, device)?;
             (perplexity(&model, &batches), batches.len() as i64 * batches.tokens_per_batch())
         }
-        (None, _) => (perplexity_of_stream(&model, &scored.ids, cfg.train.bptt, device), scored.ids.len() as i64 - 1),
+        None => (perplexity_of_stream(&model, &scored.ids, cfg.train.bptt, device), scored.ids.len() as i64 - 1),
     };
-    Ok(EvalReport { name: scored.name, ppl, tokens, seconds: start.elapsed().as_secs_f64(), notes, search: Vec::new() })
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(EvalReport { name: scored.name, ppl, tokens, seconds, notes: scored.notes, search: Vec::new() })
 }
 
 /// The ids a command scores, and what to say about them.
@@ -146,11 +146,7 @@ impl Scored {
         match target {
             Target::Split(split) => {
                 let (ids, replaced) = Corpus::load_split(data, *split, vocab, checkpoint)?;
-                let limit = match split {
-                    Split::Train => data.train_tokens,
-                    Split::Valid => data.valid_tokens,
-                    Split::Test => data.test_tokens,
-                };
+                let limit = data::token_limit(data, *split);
                 if let Some(n) = limit.filter(|&n| n < ids.len()) {
                     notes.push(format!("its first {n} tokens, as data.{split}_tokens of the checkpoint's config"));
                 }
