@@ -2,10 +2,13 @@
 //! a pause at a chosen point (so a test can send a signal or kill the process there) and a
 //! diverging step. Each is off unless its environment variable is set.
 //!
-//! * `PTB_LM_FAILPOINT_PAUSE=setup|test|save:N`: pause for a minute, after printing
+//! * `PTB_LM_FAILPOINT_PAUSE=setup|test|stats|save:N`: pause for a minute, after printing
 //!   `ptb-lm: failpoint: paused in <where>` on stderr: in set-up (before the first step),
-//!   before the final test evaluation, or half-way through the checkpoint save after the
+//!   before the final test evaluation, between the two files of a save of dynamic
+//!   evaluation's gradient statistics, or half-way through the checkpoint save after the
 //!   first N (weights written, metadata not).
+//! * `PTB_LM_FAILPOINT_RELEASE=FILE`: a pause ends as soon as FILE exists (so a test can
+//!   interleave two processes exactly: hold one at a point, run the other, release the first).
 //! * `PTB_LM_FAILPOINT_DIVERGE=KIND@STEP` (or `KIND@STEP+` for every step from STEP on):
 //!   right after training step STEP (0-based, counted over the whole run) `nan` turns a
 //!   weight into NaN, `loss` adds 1e9 to the running loss (finite, but clearly diverged).
@@ -21,9 +24,10 @@ const PAUSE: &str = "PTB_LM_FAILPOINT_PAUSE";
 const DIVERGE: &str = "PTB_LM_FAILPOINT_DIVERGE";
 const TORCH: &str = "PTB_LM_FAILPOINT_TORCH";
 const AVERAGE: &str = "PTB_LM_FAILPOINT_AVERAGE";
+const RELEASE: &str = "PTB_LM_FAILPOINT_RELEASE";
 
 /// Every environment variable of this module (tests clear them for child processes).
-pub const VARIABLES: [&str; 4] = [PAUSE, DIVERGE, TORCH, AVERAGE];
+pub const VARIABLES: [&str; 5] = [PAUSE, DIVERGE, TORCH, AVERAGE, RELEASE];
 
 /// Whether averaged SGD is to start after epoch `epoch` (1-based).
 pub fn average_after(epoch: usize) -> bool {
@@ -58,7 +62,11 @@ pub fn pause_in_save() {
 
 fn hold(point: &str) {
     eprintln!("ptb-lm: failpoint: paused in {point}");
-    std::thread::sleep(Duration::from_secs(60));
+    let release = std::env::var_os(RELEASE).map(std::path::PathBuf::from);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < until && !release.as_ref().is_some_and(|f| f.exists()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// How a provoked divergence breaks the step.
