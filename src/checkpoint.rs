@@ -1,7 +1,8 @@
 //! A checkpoint is a directory:
 //!
 //! * `model.safetensors`: the weights, named as in [`crate::model`];
-//! * `checkpoint.json`: config, vocabulary, epoch, lr, perplexities, ptb-lm version, and for a
+//! * `checkpoint.json`: config, vocabulary, epoch, lr, perplexities, ptb-lm version, the corpus
+//!   it was trained on (absolute paths, each file's size and SHA-256), and for a
 //!   resumable checkpoint (`last/`) the position in training;
 //! * `state.safetensors` (resumable checkpoints only): the carried LSTM state and, when
 //!   averaged SGD is on, the running averages.
@@ -12,7 +13,7 @@
 //! new checkpoint, whole.
 
 use crate::config::Config;
-use crate::data::Vocab;
+use crate::data::{CorpusRecord, Vocab};
 use crate::model::LstmLm;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,10 @@ pub struct Meta {
     pub best_valid_ppl: Option<f64>,
     /// Present in resumable checkpoints.
     pub resume: Option<Resume>,
+    /// What the weights were trained on: the corpus's paths (absolute) and each file's size
+    /// and SHA-256. Absent in checkpoints of older ptb-lm versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corpus: Option<CorpusRecord>,
 }
 
 /// Where training stands, for `ptb-lm train --resume`.

@@ -21,7 +21,7 @@
 
 use crate::config::DataConfig;
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt;
@@ -186,17 +186,22 @@ impl Vocab {
 
     /// [`Vocab::encode`], also giving how many words were read as `<unk>`.
     pub fn encode_counted(&self, text: &str, source: &Path, unk: bool) -> Result<(Vec<i64>, usize)> {
+        self.encode_marked(text, source, unk).map(|(ids, replaced)| (ids, replaced.len()))
+    }
+
+    /// [`Vocab::encode`], also giving the positions (in the ids) of the words read as `<unk>`.
+    pub fn encode_marked(&self, text: &str, source: &Path, unk: bool) -> Result<(Vec<i64>, Vec<usize>)> {
         let unk_id = self.id(UNK);
         let eos = self.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
         let mut out = Vec::with_capacity(text.len() / 5);
-        let mut replaced = 0;
+        let mut replaced = Vec::new();
         for (n, line) in text.lines().enumerate() {
             for w in line.split_whitespace() {
                 match (self.id(w), unk_id) {
                     (Some(id), _) => out.push(id),
                     (None, Some(u)) if unk => {
+                        replaced.push(out.len());
                         out.push(u);
-                        replaced += 1;
                     }
                     (None, None) if unk => bail!(
                         "{} line {}: word '{w}' is not in the training vocabulary, which has no {UNK} to read it as",
@@ -223,6 +228,11 @@ pub fn read_text(path: &Path) -> Result<String> {
         std::io::ErrorKind::NotFound => anyhow::anyhow!("{}: file not found", path.display()),
         _ => anyhow::anyhow!("{}: {e}", path.display()),
     })?;
+    text_of(bytes, path)
+}
+
+/// A file's bytes as UTF-8 text, without a leading byte-order mark; errors name `path`.
+fn text_of(bytes: Vec<u8>, path: &Path) -> Result<String> {
     if bytes.is_empty() {
         bail!("{}: file is empty", path.display());
     }
@@ -274,14 +284,103 @@ fn verify_checksum(file: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads, checks and normalises one corpus file.
-fn read_corpus_file(path: &Path, cfg: &DataConfig, hint: &str) -> Result<String> {
+/// What one corpus file held when a run read it: enough to tell that text from any other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// What the file holds: `train`, `valid`, `test`, or `all` (a single file, split here).
+    pub role: String,
+    /// The path as the configuration gives it.
+    pub path: PathBuf,
+    /// The same path made absolute when it was read (relative paths: from the working
+    /// directory of that moment), so the run can find it from anywhere.
+    pub absolute: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// What a run read: its data configuration with every path absolute, and each file's
+/// fingerprint. Checkpoints carry it; `eval` and `train --resume` read the corpus from these
+/// paths (unless told another place) and refuse a file that is no longer the same text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CorpusRecord {
+    pub data: DataConfig,
+    pub files: Vec<FileRecord>,
+}
+
+impl CorpusRecord {
+    /// The record's fingerprint of the file holding `split`'s text, if any.
+    pub fn file_of(&self, split: Split) -> Option<&FileRecord> {
+        self.files.iter().find(|f| f.role == split.name() || f.role == ALL_ROLE)
+    }
+
+    /// Checks files just read against the record: each must be the text the record names
+    /// for its role, byte for byte. `checkpoint` is named in the error.
+    pub fn check(&self, read: &[FileRecord], checkpoint: &Path) -> Result<()> {
+        for f in read {
+            let Some(r) = self.files.iter().find(|r| r.role == f.role) else {
+                let was = self.files.iter().map(|r| r.path.display().to_string()).collect::<Vec<_>>().join(", ");
+                bail!(
+                    "{}: not laid out as the corpus {} was trained on ({was}); score another text with eval --file",
+                    f.path.display(),
+                    checkpoint.display()
+                );
+            };
+            if (r.bytes, &r.sha256) != (f.bytes, &f.sha256) {
+                bail!(
+                    "{}: not the text {} was trained on ({} bytes, SHA-256 {}…; it was {} bytes, {}…): the file \
+                     changed since; restore it, or score it as a new text with eval --file",
+                    f.path.display(),
+                    checkpoint.display(),
+                    f.bytes,
+                    &f.sha256[..12],
+                    r.bytes,
+                    &r.sha256[..12.min(r.sha256.len())]
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The role of a single corpus file that is split here.
+const ALL_ROLE: &str = "all";
+
+/// `cfg` with every path made absolute (from the working directory), the default corpus
+/// directory included.
+pub fn absolute_paths(cfg: &DataConfig) -> Result<DataConfig> {
+    let abs = |p: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+        p.as_ref()
+            .map(|p| std::path::absolute(p).with_context(|| format!("{}: cannot resolve the path", p.display())))
+            .transpose()
+    };
+    let mut out = cfg.clone();
+    if cfg.dir.is_none() && cfg.file.is_none() && cfg.train.is_none() {
+        out.dir = Some(PathBuf::from(crate::config::DEFAULT_DATA_DIR));
+    }
+    out.dir = abs(&out.dir)?;
+    out.file = abs(&cfg.file)?;
+    out.train = abs(&cfg.train)?;
+    out.valid = abs(&cfg.valid)?;
+    out.test = abs(&cfg.test)?;
+    Ok(out)
+}
+
+/// Reads, checks and normalises one corpus file; also its fingerprint.
+fn read_corpus_file(path: &Path, role: &str, cfg: &DataConfig, hint: &str) -> Result<(String, FileRecord)> {
     if !path.exists() {
         bail!("{}: file not found{hint}", path.display());
     }
-    let text = read_text(path)?;
-    verify_checksum(path, text.as_bytes())?;
-    Ok(normalise(text, cfg))
+    // Read once: the fingerprint is of exactly the bytes the text comes from.
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    verify_checksum(path, &bytes)?;
+    let record = FileRecord {
+        role: role.to_string(),
+        path: path.to_path_buf(),
+        absolute: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+        bytes: bytes.len() as u64,
+        sha256: sha256_hex(&bytes),
+    };
+    Ok((normalise(text_of(bytes, path)?, cfg), record))
 }
 
 /// Where a corpus's text is.
@@ -402,8 +501,13 @@ fn split_text(text: &str, valid_fraction: f64, test_fraction: f64, file: &Path) 
     Ok([join(0..valid_start), join(valid_start..test_start), join(test_start..lines.len())])
 }
 
-/// The text of each split that was read (train, valid, test).
-type SplitTexts = [Option<String>; 3];
+/// What [`Corpus::texts`] read: the text of each split asked for (train, valid, test), the
+/// fingerprint of every file read, and for a single file the first line of valid and test.
+struct Texts {
+    texts: [Option<String>; 3],
+    files: Vec<FileRecord>,
+    split_lines: Option<[usize; 2]>,
+}
 
 /// What a corpus holds, as recorded in a run (`corpus.json`).
 #[derive(Debug, Clone, Serialize)]
@@ -416,6 +520,8 @@ pub struct CorpusInfo {
     pub unk_replaced: [usize; 3],
     /// For a single file: the first line (1-based) of valid and of test.
     pub split_lines: Option<[usize; 2]>,
+    /// Every file read, with its size and SHA-256.
+    pub files: Vec<FileRecord>,
 }
 
 /// A corpus as word ids.
@@ -425,6 +531,8 @@ pub struct Corpus {
     pub valid: Vec<i64>,
     pub test: Vec<i64>,
     pub info: CorpusInfo,
+    /// What it was read from (absolute paths, each file's fingerprint), for checkpoints.
+    pub record: CorpusRecord,
 }
 
 impl Corpus {
@@ -435,8 +543,14 @@ impl Corpus {
 
     /// Reads the three splits `cfg` describes, with the vocabulary of its training split.
     pub fn load(cfg: &DataConfig) -> Result<Corpus> {
+        Corpus::load_recorded(cfg, None)
+    }
+
+    /// [`Corpus::load`], each file checked first against `record` (a checkpoint's, named in
+    /// the error) when given: it must be the text the checkpoint was trained on.
+    pub fn load_recorded(cfg: &DataConfig, record: Option<(&CorpusRecord, &Path)>) -> Result<Corpus> {
         let layout = Layout::of(cfg)?;
-        let (texts, split_lines) = Corpus::texts(&layout, cfg, &Split::ALL)?;
+        let Texts { texts, files, split_lines } = Corpus::texts(&layout, cfg, &Split::ALL, record)?;
         let train_text = texts[0].as_deref().expect("train was read");
         let vocab = Corpus::vocabulary(train_text, cfg, &layout);
         if vocab.is_empty() {
@@ -464,45 +578,71 @@ impl Corpus {
             tokens: [train.len(), valid.len(), test.len()],
             unk_replaced: replaced,
             split_lines,
+            files: files.clone(),
         };
-        Ok(Corpus { vocab, train, valid, test, info })
+        let record = CorpusRecord { data: absolute_paths(cfg)?, files };
+        Ok(Corpus { vocab, train, valid, test, info, record })
     }
 
     /// One split of the corpus `cfg` describes, read with a checkpoint's vocabulary: only the
     /// files needed are read (the training split too where it is there, to check that the
-    /// vocabulary is the one it gives). Also returns how many words were read as `<unk>`.
-    pub fn load_split(cfg: &DataConfig, split: Split, vocab: &Vocab, checkpoint: &Path) -> Result<(Vec<i64>, usize)> {
+    /// vocabulary is the one it gives), each checked against the checkpoint's `record` of
+    /// what it was trained on when it has one. Also returns the positions of the words read
+    /// as `<unk>`.
+    pub fn load_split(
+        cfg: &DataConfig,
+        split: Split,
+        vocab: &Vocab,
+        checkpoint: &Path,
+        record: Option<&CorpusRecord>,
+    ) -> Result<(Vec<i64>, Vec<usize>)> {
         let layout = Layout::of(cfg)?;
         let train_there = layout.file(Split::Train).is_file();
         let want: Vec<Split> =
             if train_there && split != Split::Train { vec![Split::Train, split] } else { vec![split] };
-        let (texts, _) = Corpus::texts(&layout, cfg, &want)?;
+        let Texts { texts, .. } = Corpus::texts(&layout, cfg, &want, record.map(|r| (r, checkpoint)))?;
         if let Some(train) = texts[0].as_deref().filter(|_| train_there) {
             check_vocab(&Corpus::vocabulary(train, cfg, &layout), vocab, &layout.file(Split::Train), checkpoint)?;
         }
         let i = Split::ALL.iter().position(|&s| s == split).expect("a split");
         let text = texts[i].as_deref().expect("the split was read");
-        vocab.encode_counted(text, &layout.file(split), !layout.closed_vocabulary() || split == Split::Train)
+        vocab.encode_marked(text, &layout.file(split), !layout.closed_vocabulary() || split == Split::Train)
     }
 
-    /// The texts of `want` (others None), and for a single file where it was split.
-    fn texts(layout: &Layout, cfg: &DataConfig, want: &[Split]) -> Result<(SplitTexts, Option<[usize; 2]>)> {
+    /// The texts of `want` (others None), the fingerprints of the files read, and for a
+    /// single file where it was split. With `recorded`, each file is checked against that
+    /// record as soon as it is read, before anything is made of it.
+    fn texts(
+        layout: &Layout,
+        cfg: &DataConfig,
+        want: &[Split],
+        recorded: Option<(&CorpusRecord, &Path)>,
+    ) -> Result<Texts> {
         let hint = layout.hint();
+        let read = |path: &Path, role: &str| -> Result<(String, FileRecord)> {
+            let (text, record) = read_corpus_file(path, role, cfg, &hint)?;
+            if let Some((r, checkpoint)) = recorded {
+                r.check(std::slice::from_ref(&record), checkpoint)?;
+            }
+            Ok((text, record))
+        };
         match layout {
             Layout::Single { file, valid_fraction, test_fraction } => {
-                let text = read_corpus_file(file, cfg, &hint)?;
+                let (text, record) = read(file, ALL_ROLE)?;
                 let [a, b, c] = split_text(&text, *valid_fraction, *test_fraction, file)?;
                 let lines = [a.lines().count() + 1, a.lines().count() + b.lines().count() + 1];
-                Ok(([Some(a), Some(b), Some(c)], Some(lines)))
+                Ok(Texts { texts: [Some(a), Some(b), Some(c)], files: vec![record], split_lines: Some(lines) })
             }
             _ => {
-                let mut out = [None, None, None];
+                let mut out = Texts { texts: [None, None, None], files: Vec::new(), split_lines: None };
                 for (i, split) in Split::ALL.into_iter().enumerate() {
                     if want.contains(&split) {
-                        out[i] = Some(read_corpus_file(&layout.file(split), cfg, &hint)?);
+                        let (text, record) = read(&layout.file(split), split.name())?;
+                        out.texts[i] = Some(text);
+                        out.files.push(record);
                     }
                 }
-                Ok((out, None))
+                Ok(out)
             }
         }
     }

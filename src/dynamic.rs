@@ -21,6 +21,7 @@ use crate::data::Batches;
 use crate::model::LstmLm;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -44,6 +45,9 @@ impl Default for Settings {
     }
 }
 
+/// The longest segment `--dyn-bptt` may ask for.
+pub const MAX_BPTT: i64 = 10_000;
+
 impl Settings {
     /// Errors name the command-line flag.
     pub fn validate(&self) -> Result<()> {
@@ -56,8 +60,8 @@ impl Settings {
         if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
             bail!("--dyn-epsilon must be > 0 (got {})", self.epsilon);
         }
-        if self.bptt < 1 {
-            bail!("--dyn-bptt must be at least 1 (got {})", self.bptt);
+        if !(1..=MAX_BPTT).contains(&self.bptt) {
+            bail!("--dyn-bptt must be between 1 and {MAX_BPTT} (got {})", self.bptt);
         }
         Ok(())
     }
@@ -82,20 +86,64 @@ impl Settings {
     }
 }
 
-/// How the gradient statistics were collected (they are reused only for the same).
+/// How the gradient statistics are collected.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsRecipe {
     pub batch_size: i64,
     pub bptt: i64,
     /// At most this many training batches (None: the whole split).
     pub max_batches: Option<usize>,
-    /// Tokens of the training split they were collected on.
-    pub train_tokens: usize,
+}
+
+/// Everything the statistics are a function of: saved statistics are used only where all of
+/// it is the same, so they are never applied to weights or a text they were not computed from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsKey {
+    pub recipe: StatsRecipe,
+    /// SHA-256 of the weights they were computed with ([`weights_digest`]).
+    pub weights_sha256: String,
+    /// SHA-256 of the training text they were computed on (the corpus file that holds the
+    /// training split, as the checkpoint records it; else of the split's token ids).
+    pub train_sha256: String,
+}
+
+/// SHA-256 over every parameter's name, shape and float32 values, in the model's order: the
+/// same weights give the same digest wherever they are loaded, any other weights another.
+pub fn weights_digest(model: &LstmLm) -> String {
+    let mut h = Sha256::new();
+    tch::no_grad(|| {
+        for (name, p) in model.named_parameters() {
+            h.update(name.as_bytes());
+            h.update([0]);
+            for d in p.size() {
+                h.update(d.to_le_bytes());
+            }
+            let flat = p.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
+            let values = Vec::<f32>::try_from(&flat).unwrap_or_default();
+            for v in values {
+                h.update(v.to_le_bytes());
+            }
+        }
+    });
+    hex(&h.finalize())
+}
+
+/// SHA-256 of token ids (a training split read from a checkpoint that records no corpus).
+pub fn ids_digest(ids: &[i64]) -> String {
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// MS = sqrt(mean g²) of every parameter, in the order of [`LstmLm::named_parameters`].
 pub struct GradStats {
-    pub recipe: StatsRecipe,
+    pub key: StatsKey,
     pub ms: Vec<(String, Tensor)>,
     /// Batches they were averaged over.
     pub batches: usize,
@@ -104,16 +152,33 @@ pub struct GradStats {
 const STATS_FILE: &str = "gradstats.safetensors";
 const STATS_META: &str = "gradstats.json";
 
+/// `gradstats.json`: what the statistics are of, and the SHA-256 of the tensor file they were
+/// saved with. It is renamed into place last, so it is the commit point of a save: tensors
+/// that are not the ones it names (a save cut between the two files, two saves interleaved)
+/// are never read as its statistics.
 #[derive(Serialize, Deserialize)]
 struct StatsMeta {
-    recipe: StatsRecipe,
+    key: StatsKey,
     batches: usize,
+    tensors_sha256: String,
+}
+
+/// What [`GradStats::load`] found in a checkpoint directory.
+pub enum Saved {
+    /// Statistics for exactly this key.
+    Found(GradStats),
+    /// None there.
+    Missing,
+    /// Statistics there, but not usable for this key: why.
+    Stale(String),
 }
 
 impl GradStats {
     /// Collects the statistics over `train` (dropout off, hidden state carried across
     /// batches): for each batch, the gradient of its mean loss; MS = sqrt(mean of g²).
-    pub fn collect(model: &LstmLm, train: &[i64], recipe: StatsRecipe) -> Result<GradStats> {
+    /// `key` says what they are of: its weights digest must be the model's.
+    pub fn collect(model: &LstmLm, train: &[i64], key: StatsKey) -> Result<GradStats> {
+        let recipe = &key.recipe;
         let batches = Batches::new(train, recipe.batch_size, recipe.bptt, model.device())
             .context("gradient statistics on the training split")?;
         let n = recipe.max_batches.map_or(batches.len(), |m| m.min(batches.len()));
@@ -136,16 +201,41 @@ impl GradStats {
         zero_grads(&named);
         let ms =
             tch::no_grad(|| named.iter().zip(sq).map(|((name, _), s)| (name.clone(), (s / n as f64).sqrt())).collect());
-        Ok(GradStats { recipe, ms, batches: n })
+        Ok(GradStats { key, ms, batches: n })
     }
 
-    /// Statistics saved in checkpoint directory `dir` for the same recipe, if any.
-    pub fn load(dir: &Path, recipe: &StatsRecipe, model: &LstmLm) -> Option<GradStats> {
-        let meta: StatsMeta = serde_json::from_str(&std::fs::read_to_string(dir.join(STATS_META)).ok()?).ok()?;
-        if &meta.recipe != recipe {
-            return None;
+    /// The statistics saved in checkpoint directory `dir`, if they are exactly those of `key`
+    /// (and whole: the tensor file is the one their metadata names).
+    pub fn load(dir: &Path, key: &StatsKey, model: &LstmLm) -> Saved {
+        let meta_path = dir.join(STATS_META);
+        let text = match std::fs::read_to_string(&meta_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Saved::Missing,
+            Err(e) => return Saved::Stale(format!("{}: {e}", meta_path.display())),
+        };
+        let Ok(meta) = serde_json::from_str::<StatsMeta>(&text) else {
+            return Saved::Stale(format!("{}: not statistics this ptb-lm wrote", meta_path.display()));
+        };
+        if meta.key.weights_sha256 != key.weights_sha256 {
+            return Saved::Stale("they were computed with other weights".to_string());
         }
-        let tensors = Tensor::read_safetensors(dir.join(STATS_FILE)).ok()?;
+        if meta.key.train_sha256 != key.train_sha256 {
+            return Saved::Stale("they were computed on another training text".to_string());
+        }
+        if meta.key.recipe != key.recipe {
+            return Saved::Stale(format!("they were collected differently ({})", describe_recipe(&meta.key.recipe)));
+        }
+        let tensors_path = dir.join(STATS_FILE);
+        let bytes = match std::fs::read(&tensors_path) {
+            Ok(b) => b,
+            Err(e) => return Saved::Stale(format!("{}: {e}", tensors_path.display())),
+        };
+        if crate::data::sha256_hex(&bytes) != meta.tensors_sha256 {
+            return Saved::Stale(format!("{} is not the file {STATS_META} names (a save was cut)", STATS_FILE));
+        }
+        let Ok(tensors) = Tensor::read_safetensors(&tensors_path) else {
+            return Saved::Stale(format!("{}: not a readable safetensors file", tensors_path.display()));
+        };
         let device = model.device();
         let ms = model
             .named_parameters()
@@ -154,25 +244,58 @@ impl GradStats {
                 let t = tensors.iter().find(|(n, _)| *n == format!("ms.{name}"))?;
                 (t.1.size() == p.size()).then(|| (name, t.1.to_device(device).to_kind(Kind::Float)))
             })
-            .collect::<Option<Vec<_>>>()?;
-        Some(GradStats { recipe: meta.recipe, ms, batches: meta.batches })
+            .collect::<Option<Vec<_>>>();
+        match ms {
+            Some(ms) => Saved::Found(GradStats { key: meta.key, ms, batches: meta.batches }),
+            None => Saved::Stale("their tensors do not match the model's parameters".to_string()),
+        }
     }
 
-    /// Saves them beside the weights in checkpoint directory `dir` (two new files; the
-    /// checkpoint's own files are not touched, and a new save of the checkpoint drops them).
+    /// Saves them beside the weights in checkpoint directory `dir`: the tensors, then the
+    /// metadata naming the tensors' SHA-256, each written to a temporary name and renamed
+    /// into place. The checkpoint's own files are not touched, and a new save of the
+    /// checkpoint drops them.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let named: Vec<(String, Tensor)> =
             self.ms.iter().map(|(n, t)| (format!("ms.{n}"), t.to_device(Device::Cpu))).collect();
-        let path = dir.join(STATS_FILE);
-        Tensor::write_safetensors(&named, &path).with_context(|| format!("{}: cannot write", path.display()))?;
-        let meta = StatsMeta { recipe: self.recipe.clone(), batches: self.batches };
-        let path = dir.join(STATS_META);
-        std::fs::write(&path, serde_json::to_string_pretty(&meta)?)
-            .with_context(|| format!("{}: cannot write", path.display()))
+        let tmp = crate::fsutil::temp_sibling(&dir.join(STATS_FILE));
+        // Created here first, so an unwritable directory is an I/O error in words.
+        if let Err(e) = std::fs::File::create(&tmp) {
+            bail!("{}: cannot write ({})", dir.join(STATS_FILE).display(), crate::fsutil::io_words(&e));
+        }
+        let written = Tensor::write_safetensors(&named, &tmp)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|()| Ok(std::fs::read(&tmp)?))
+            .and_then(|bytes| {
+                std::fs::File::open(&tmp)?.sync_all()?;
+                Ok(bytes)
+            });
+        let bytes = match written {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                bail!("{}: cannot write ({})", dir.join(STATS_FILE).display(), first_line(&e.to_string()));
+            }
+        };
+        let meta =
+            StatsMeta { key: self.key.clone(), batches: self.batches, tensors_sha256: crate::data::sha256_hex(&bytes) };
+        crate::fsutil::rename_into_place(&tmp, &dir.join(STATS_FILE))?;
+        crate::failpoint::pause("stats");
+        crate::fsutil::write_atomic(&dir.join(STATS_META), serde_json::to_string_pretty(&meta)?.as_bytes())
     }
 
     /// The files [`GradStats::save`] writes into a checkpoint directory.
     pub const FILES: [&'static str; 2] = [STATS_FILE, STATS_META];
+}
+
+/// "batches of 100 x 5, at most 150 batches".
+pub fn describe_recipe(r: &StatsRecipe) -> String {
+    let cap = r.max_batches.map_or("every batch".to_string(), |n| format!("at most {n} batches"));
+    format!("batches of {} x {}, {cap}", r.batch_size, r.bptt)
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
 }
 
 fn zero_grads(named: &[(String, Tensor)]) {
@@ -210,6 +333,7 @@ pub fn perplexity(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) 
     let mut state = model.zero_state(1);
     let mut sum = Tensor::zeros([], (Kind::Double, device));
     let mut start = 0;
+    let poison = crate::failpoint::dynamic_diverges();
     while start < n {
         let len = s.bptt.min(n - start);
         zero_grads(&named);
@@ -224,6 +348,9 @@ pub fn perplexity(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) 
                 let _ = p.g_mul_(&keep[i]);
                 let _ = p.g_add_(&pull[i]);
                 let _ = p.addcmul_(&step[i], &p.grad());
+            }
+            if poison {
+                let _ = named[0].1.shallow_clone().fill_(f64::NAN);
             }
         });
         state = f.state.detach();

@@ -5,7 +5,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::config::DataConfig;
-use crate::data::{self, Batches, Corpus, Split, EOS};
+use crate::data::{self, Batches, Corpus, CorpusRecord, Split, EOS};
 use crate::device;
 use crate::dynamic;
 use crate::model::LstmLm;
@@ -60,6 +60,15 @@ pub enum Target {
     File { path: PathBuf, allow_unk: bool },
 }
 
+/// Where `ptb-lm eval` reads the checkpoint's corpus: where training read it (its absolute
+/// paths, from the checkpoint), or a directory or single file given instead. Either way the
+/// files read must be the text the checkpoint records.
+#[derive(Debug, Clone, Default)]
+pub struct CorpusPlace {
+    pub dir: Option<PathBuf>,
+    pub file: Option<PathBuf>,
+}
+
 pub struct EvalReport {
     pub name: String,
     pub ppl: f64,
@@ -68,8 +77,10 @@ pub struct EvalReport {
     /// What a reader should know about the number: caps applied, words read as `<unk>`,
     /// the static perplexity beside a dynamic one.
     pub notes: Vec<String>,
-    /// With `--dynamic-search`: (settings, validation perplexity) of every grid point.
+    /// With `--dynamic-search`: (settings, validation perplexity) of every grid point, and
+    /// the tokens each was scored on.
     pub search: Vec<(dynamic::Settings, f64)>,
+    pub search_tokens: usize,
 }
 
 /// How `eval --dynamic` runs (see [`crate::dynamic`]).
@@ -86,10 +97,14 @@ pub struct DynamicOptions {
 /// The statistics' batch size over the training split (the reference code's).
 const STATS_BATCH: i64 = 100;
 
+/// The fewest validation tokens `--dyn-search-tokens` may ask for: below, the grid points'
+/// perplexities say more about the few tokens than about the settings.
+pub const MIN_SEARCH_TOKENS: usize = 100;
+
 pub fn run(
     checkpoint: &Path,
     target: &Target,
-    data_dir: Option<&Path>,
+    place: &CorpusPlace,
     choice: crate::config::DeviceChoice,
     batch_size: Option<i64>,
     dynamic: Option<&DynamicOptions>,
@@ -97,17 +112,23 @@ pub fn run(
     crate::failpoint::torch_error();
     if let Some(d) = dynamic {
         d.settings.validate()?;
+        if d.search && d.search_tokens < MIN_SEARCH_TOKENS {
+            bail!("--dyn-search-tokens must be at least {MIN_SEARCH_TOKENS} (got {})", d.search_tokens);
+        }
     }
     let ckpt = Checkpoint::load(checkpoint)?;
     let cfg = &ckpt.meta.config;
     let device = device::resolve(choice)?;
     let vocab = ckpt.vocab()?;
-    let mut data = cfg.data.clone();
-    if let Some(dir) = data_dir {
-        data = DataConfig { dir: Some(dir.to_path_buf()), file: None, train: None, valid: None, test: None, ..data };
-    }
+    let recorded = ckpt.meta.corpus.as_ref();
+    let elsewhere = DataConfig { dir: None, file: None, train: None, valid: None, test: None, ..cfg.data.clone() };
+    let data = match (&place.dir, &place.file) {
+        (Some(dir), _) => DataConfig { dir: Some(dir.clone()), ..elsewhere },
+        (None, Some(file)) => DataConfig { file: Some(file.clone()), ..elsewhere },
+        (None, None) => recorded.map_or_else(|| cfg.data.clone(), |r| r.data.clone()),
+    };
     let model = ckpt.model(device)?;
-    let scored = Scored::read(target, &data, &vocab, checkpoint)?;
+    let scored = Scored::read(target, &data, &vocab, checkpoint, recorded)?;
     if let Some(d) = dynamic {
         return run_dynamic(&model, &ckpt, &data, &vocab, scored, d);
     }
@@ -123,7 +144,18 @@ pub fn run(
         None => (perplexity_of_stream(&model, &scored.ids, cfg.train.bptt, device), scored.ids.len() as i64 - 1),
     };
     let seconds = start.elapsed().as_secs_f64();
-    Ok(EvalReport { name: scored.name, ppl, tokens, seconds, notes: scored.notes, search: Vec::new() })
+    if !ppl.is_finite() {
+        bail!("{}: the perplexity of {} is {ppl}: these weights cannot be trusted", checkpoint.display(), scored.name);
+    }
+    Ok(EvalReport {
+        name: scored.name,
+        ppl,
+        tokens,
+        seconds,
+        notes: scored.notes,
+        search: Vec::new(),
+        search_tokens: 0,
+    })
 }
 
 /// The ids a command scores, and what to say about them.
@@ -141,19 +173,27 @@ fn unk_note(n: usize) -> String {
 }
 
 impl Scored {
-    fn read(target: &Target, data: &DataConfig, vocab: &data::Vocab, checkpoint: &Path) -> Result<Scored> {
+    fn read(
+        target: &Target,
+        data: &DataConfig,
+        vocab: &data::Vocab,
+        checkpoint: &Path,
+        recorded: Option<&CorpusRecord>,
+    ) -> Result<Scored> {
         let mut notes = Vec::new();
         match target {
             Target::Split(split) => {
-                let (ids, replaced) = Corpus::load_split(data, *split, vocab, checkpoint)?;
+                let (ids, replaced) = Corpus::load_split(data, *split, vocab, checkpoint, recorded)?;
                 let limit = data::token_limit(data, *split);
                 if let Some(n) = limit.filter(|&n| n < ids.len()) {
                     notes.push(format!("its first {n} tokens, as data.{split}_tokens of the checkpoint's config"));
                 }
+                let ids = data::truncate(&ids, limit).to_vec();
+                // Only the words among the tokens scored.
+                let replaced = replaced.iter().filter(|&&i| i < ids.len()).count();
                 if replaced > 0 {
                     notes.push(unk_note(replaced));
                 }
-                let ids = data::truncate(&ids, limit).to_vec();
                 Ok(Scored { name: split.to_string(), ids, split: Some(*split), limit, notes })
             }
             Target::File { path, allow_unk } => {
@@ -174,8 +214,9 @@ impl Scored {
     }
 }
 
-/// `eval --dynamic`: gradient statistics (saved beside the checkpoint's weights, reused
-/// when there), the optional search on validation, then the target in one stream.
+/// `eval --dynamic`: gradient statistics (saved beside the checkpoint's weights and reused
+/// only for the same weights, training text and recipe), the optional search on validation,
+/// then the target in one stream. A diverged result is an error, not a number.
 fn run_dynamic(
     model: &LstmLm,
     ckpt: &Checkpoint,
@@ -185,18 +226,46 @@ fn run_dynamic(
     opts: &DynamicOptions,
 ) -> Result<EvalReport> {
     let mut settings = opts.settings;
-    let (train, _) = Corpus::load_split(data, Split::Train, vocab, &ckpt.dir)?;
-    let recipe = dynamic::StatsRecipe {
-        batch_size: STATS_BATCH,
-        bptt: settings.bptt,
-        max_batches: opts.stats_batches,
-        train_tokens: train.len(),
+    let recorded = ckpt.meta.corpus.as_ref();
+    let read_train = || {
+        Corpus::load_split(data, Split::Train, vocab, &ckpt.dir, recorded).map(|(ids, _)| ids).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}; dynamic evaluation computes its gradient statistics on the training split \
+                 (none saved in {} are for these weights and settings)",
+                ckpt.dir.display()
+            )
+        })
     };
-    let stats = match dynamic::GradStats::load(&ckpt.dir, &recipe, model) {
-        Some(s) => s,
+    // The training text is known by the checkpoint's record of it where there is one: then
+    // saved statistics need no corpus at all.
+    let mut train = None;
+    let train_sha256 = match recorded.and_then(|r| r.file_of(Split::Train)) {
+        Some(f) => f.sha256.clone(),
         None => {
+            let ids = read_train()?;
+            let digest = dynamic::ids_digest(&ids);
+            train = Some(ids);
+            digest
+        }
+    };
+    let key = dynamic::StatsKey {
+        recipe: dynamic::StatsRecipe { batch_size: STATS_BATCH, bptt: settings.bptt, max_batches: opts.stats_batches },
+        weights_sha256: dynamic::weights_digest(model),
+        train_sha256,
+    };
+    let stats = match dynamic::GradStats::load(&ckpt.dir, &key, model) {
+        dynamic::Saved::Found(s) => s,
+        saved => {
+            if let dynamic::Saved::Stale(why) = saved {
+                eprintln!("note: the gradient statistics saved in {} are not used: {why}", ckpt.dir.display());
+            }
+            let train = match train {
+                Some(t) => t,
+                None => read_train()?,
+            };
             let t = Instant::now();
-            let s = dynamic::GradStats::collect(model, &train, recipe)?;
+            let s = dynamic::GradStats::collect(model, &train, key)
+                .with_context(|| format!("--dyn-bptt {}", settings.bptt))?;
             eprintln!(
                 "note: gradient statistics over {} training batches in {:.1} s",
                 s.batches,
@@ -209,23 +278,45 @@ fn run_dynamic(
         }
     };
     let mut search = Vec::new();
+    let mut search_tokens = 0;
     if opts.search {
-        let (valid, _) = Corpus::load_split(data, Split::Valid, vocab, &ckpt.dir)?;
-        let valid = &valid[..valid.len().min(opts.search_tokens.max(2))];
+        let (valid, _) = Corpus::load_split(data, Split::Valid, vocab, &ckpt.dir, recorded)?;
+        let valid = &valid[..valid.len().min(opts.search_tokens)];
+        search_tokens = valid.len().saturating_sub(1);
+        if search_tokens < MIN_SEARCH_TOKENS {
+            bail!("--dynamic-search: the validation split has only {search_tokens} tokens to score; it needs at least {MIN_SEARCH_TOKENS}");
+        }
         for point in settings.grid() {
             search.push((point, dynamic::perplexity(model, valid, &stats, &point)?));
         }
-        let best = search.iter().min_by(|a, b| a.1.total_cmp(&b.1)).expect("a non-empty grid");
+        let Some(best) = search.iter().filter(|p| p.1.is_finite()).min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            bail!(
+                "--dynamic-search: every point of the grid diverged on validation (with --dyn-epsilon {:e}); \
+                 use a larger --dyn-epsilon",
+                settings.epsilon
+            );
+        };
         settings = best.0;
     }
     let static_ppl = perplexity_of_stream(model, &scored.ids, settings.bptt, model.device());
     let start = Instant::now();
     let ppl = dynamic::perplexity(model, &scored.ids, &stats, &settings)?;
     let seconds = start.elapsed().as_secs_f64();
+    if !ppl.is_finite() {
+        let or_search = if opts.search { "" } else { ", or let --dynamic-search choose" };
+        bail!(
+            "dynamic evaluation diverged on {} ({}): perplexity {ppl}; use a smaller --dyn-lr or a larger --dyn-epsilon{or_search}",
+            scored.name,
+            settings.describe()
+        );
+    }
     let mut notes = scored.notes;
     notes.push(format!("static, one stream: {static_ppl:.4}"));
-    if ppl.is_nan() || ppl > static_ppl {
-        notes.push("dynamic evaluation made it worse: try a smaller --dyn-lr, or --dynamic-search".to_string());
+    if ppl > static_ppl * (1.0 + 1e-9) {
+        let or_search = if opts.search { "" } else { ", or --dynamic-search" };
+        notes.push(format!("dynamic evaluation made it worse: try a smaller --dyn-lr{or_search}"));
+    } else if settings.lr == 0.0 {
+        notes.push("with --dyn-lr 0 the weights never change: this is static evaluation".to_string());
     }
     Ok(EvalReport {
         name: format!("{} (dynamic: {})", scored.name, settings.describe()),
@@ -234,5 +325,6 @@ fn run_dynamic(
         seconds,
         notes,
         search,
+        search_tokens,
     })
 }

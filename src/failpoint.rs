@@ -12,6 +12,8 @@
 //! * `PTB_LM_FAILPOINT_DIVERGE=KIND@STEP` (or `KIND@STEP+` for every step from STEP on):
 //!   right after training step STEP (0-based, counted over the whole run) `nan` turns a
 //!   weight into NaN, `loss` adds 1e9 to the running loss (finite, but clearly diverged).
+//! * `PTB_LM_FAILPOINT_DYNAMIC=nan`: every update of dynamic evaluation turns the first weight
+//!   tensor into NaN (a dynamic evaluation that diverges, on every machine).
 //! * `PTB_LM_FAILPOINT_AVERAGE=N`: with `train.asgd`, averaging starts after epoch N whatever
 //!   the validation perplexities say.
 //! * `PTB_LM_FAILPOINT_TORCH=1`: `ptb-lm eval` makes libtorch fail (a product of tensors whose
@@ -25,9 +27,15 @@ const DIVERGE: &str = "PTB_LM_FAILPOINT_DIVERGE";
 const TORCH: &str = "PTB_LM_FAILPOINT_TORCH";
 const AVERAGE: &str = "PTB_LM_FAILPOINT_AVERAGE";
 const RELEASE: &str = "PTB_LM_FAILPOINT_RELEASE";
+const DYNAMIC: &str = "PTB_LM_FAILPOINT_DYNAMIC";
 
 /// Every environment variable of this module (tests clear them for child processes).
-pub const VARIABLES: [&str; 5] = [PAUSE, DIVERGE, TORCH, AVERAGE, RELEASE];
+pub const VARIABLES: [&str; 6] = [PAUSE, DIVERGE, TORCH, AVERAGE, RELEASE, DYNAMIC];
+
+/// Whether dynamic evaluation's updates are to diverge (`PTB_LM_FAILPOINT_DYNAMIC=nan`).
+pub fn dynamic_diverges() -> bool {
+    std::env::var(DYNAMIC).is_ok_and(|v| v == "nan")
+}
 
 /// Whether averaged SGD is to start after epoch `epoch` (1-based).
 pub fn average_after(epoch: usize) -> bool {

@@ -10,6 +10,7 @@
 //! * [`generate`]: sampling text
 //! * [`checkpoint`]: atomic, checked checkpoints
 //! * [`run`]: the run directory and its overwrite rule
+//! * [`fsutil`]: files written whole (temporary name, then rename)
 //! * [`metrics`], [`plot`], [`progress`]: what a run reports
 //! * [`device`], [`cuda`]: devices; CUDA graphs, precision knobs and memory statistics
 //! * [`dist`]: data-parallel training on torch.distributed (c10d, Gloo)
@@ -25,6 +26,7 @@ pub mod dist;
 pub mod dynamic;
 pub mod eval;
 pub mod failpoint;
+pub mod fsutil;
 pub mod generate;
 pub mod interrupt;
 pub mod metrics;

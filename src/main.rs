@@ -98,6 +98,7 @@ impl TrainArgs {
 
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
+#[command(group(clap::ArgGroup::new("dynamic_mode").args(["dynamic", "dynamic_search"]).multiple(true)))]
 struct EvalArgs {
     /// Checkpoint directory, e.g. runs/better/best
     #[arg(long, value_name = "DIR")]
@@ -111,9 +112,14 @@ struct EvalArgs {
     /// Read words missing from the vocabulary as <unk> (with --file; the count is shown)
     #[arg(long, requires = "file")]
     allow_unk: bool,
-    /// Corpus directory (default: the checkpoint's data.dir)
+    /// Corpus directory, if it is no longer where training read it (the files must be the
+    /// same text: the checkpoint records each one's SHA-256)
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// The corpus's single text file, if it is no longer where training read it (split as in
+    /// training; it must be the same text)
+    #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
+    data_file: Option<PathBuf>,
     /// auto (CUDA when available), cpu or cuda
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -125,27 +131,34 @@ struct EvalArgs {
     /// scores it, one segment at a time, each scored before it is learned from
     #[arg(long, conflicts_with = "batch_size")]
     dynamic: bool,
-    /// Choose --dyn-lr and --dyn-decay on the validation split first (a grid, printed)
-    #[arg(long)]
+    /// Dynamic evaluation, with --dyn-lr and --dyn-decay chosen on the validation split
+    /// first (a grid, printed)
+    #[arg(long, conflicts_with = "batch_size")]
     dynamic_search: bool,
     /// Dynamic evaluation: learning rate η
-    #[arg(long, value_name = "ETA", default_value_t = ptb_lm::dynamic::Settings::default().lr)]
+    #[arg(long, value_name = "ETA", requires = "dynamic_mode", allow_hyphen_values = true,
+          default_value_t = ptb_lm::dynamic::Settings::default().lr)]
     dyn_lr: f64,
     /// Dynamic evaluation: decay λ back to the trained weights, in [0, 1)
-    #[arg(long, value_name = "LAMBDA", default_value_t = ptb_lm::dynamic::Settings::default().decay)]
+    #[arg(long, value_name = "LAMBDA", requires = "dynamic_mode", allow_hyphen_values = true,
+          default_value_t = ptb_lm::dynamic::Settings::default().decay)]
     dyn_decay: f64,
     /// Dynamic evaluation: ε added to the gradients' RMS
-    #[arg(long, value_name = "EPS", default_value_t = ptb_lm::dynamic::Settings::default().epsilon)]
+    #[arg(long, value_name = "EPS", requires = "dynamic_mode", allow_hyphen_values = true,
+          default_value_t = ptb_lm::dynamic::Settings::default().epsilon)]
     dyn_epsilon: f64,
     /// Dynamic evaluation: segment length (tokens scored between two updates)
-    #[arg(long, value_name = "N", default_value_t = ptb_lm::dynamic::Settings::default().bptt)]
+    #[arg(long, value_name = "N", requires = "dynamic_mode", allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i64).range(1..=ptb_lm::dynamic::MAX_BPTT),
+          default_value_t = ptb_lm::dynamic::Settings::default().bptt)]
     dyn_bptt: i64,
     /// Dynamic evaluation: gradient statistics from at most N training batches (default: all)
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", requires = "dynamic_mode", value_parser = clap::value_parser!(u64).range(1..))]
     dyn_stats_batches: Option<u64>,
-    /// With --dynamic-search: validation tokens each grid point is scored on
-    #[arg(long, value_name = "N", default_value_t = 20_000)]
-    dyn_search_tokens: usize,
+    /// With --dynamic-search: validation tokens each grid point is scored on (at most)
+    #[arg(long, value_name = "N", requires = "dynamic_search", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(ptb_lm::eval::MIN_SEARCH_TOKENS as u64..))]
+    dyn_search_tokens: u64,
 }
 
 #[derive(Args)]
@@ -292,13 +305,13 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             bptt: args.dyn_bptt,
         },
         search: args.dynamic_search,
-        search_tokens: args.dyn_search_tokens,
+        search_tokens: args.dyn_search_tokens as usize,
         stats_batches: args.dyn_stats_batches.map(|n| n as usize),
     });
-    let r =
-        eval::run(&args.checkpoint, &target, args.data_dir.as_deref(), args.device, args.batch_size, dynamic.as_ref())?;
+    let place = eval::CorpusPlace { dir: args.data_dir, file: args.data_file };
+    let r = eval::run(&args.checkpoint, &target, &place, args.device, args.batch_size, dynamic.as_ref())?;
     if !r.search.is_empty() {
-        println!("validation perplexity, dynamic, first {} tokens:", args.dyn_search_tokens);
+        println!("validation perplexity, dynamic, first {} tokens:", r.search_tokens);
         println!("{:>10} {:>8} {:>12}", "lr", "decay", "perplexity");
         for (s, ppl) in &r.search {
             println!("{:>10.1e} {:>8} {:>12.4}", s.lr, s.decay, ppl);

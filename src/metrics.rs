@@ -74,7 +74,7 @@ impl MetricsLog {
             text.push_str(&serde_json::to_string(r)?);
             text.push('\n');
         }
-        fs::write(&self.path, text).with_context(|| format!("{}: cannot write", self.path.display()))?;
+        crate::fsutil::write_atomic(&self.path, text.as_bytes())?;
         Ok(kept)
     }
 }

@@ -85,8 +85,7 @@ impl RunDir {
     /// vocabulary size, tokens per split and words read as `<unk>`.
     pub fn write_corpus(&self, info: &crate::data::CorpusInfo) -> Result<()> {
         let path = self.corpus();
-        fs::write(&path, serde_json::to_string_pretty(info)?)
-            .with_context(|| format!("{}: cannot write", path.display()))
+        crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(info)?.as_bytes())
     }
 
     /// Takes the directory's lock (`.lock`, flock(2)), creating the directory if needed, so
@@ -191,7 +190,7 @@ impl RunDir {
     pub fn write_config(&self, cfg: &Config) -> Result<()> {
         let path = self.root.join("config.toml");
         let text = format!("{CONFIG_HEADER}\n{}", cfg.to_toml());
-        fs::write(&path, text).with_context(|| format!("{}: cannot write", path.display()))
+        crate::fsutil::write_atomic(&path, text.as_bytes())
     }
 
     fn existing_config(&self) -> Option<Config> {
@@ -203,12 +202,16 @@ impl RunDir {
 }
 
 /// A directory holding nothing but files a checkpoint save writes (possibly not all yet), and
-/// the gradient statistics dynamic evaluation keeps beside the weights.
+/// the gradient statistics dynamic evaluation keeps beside the weights (with the temporary
+/// files of a save of them that was cut: `.gradstats.*.tmp`).
 fn only_checkpoint_files(dir: &Path) -> bool {
     let [stats, stats_meta] = crate::dynamic::GradStats::FILES;
     let allowed = [checkpoint::WEIGHTS, checkpoint::STATE, checkpoint::META, stats, stats_meta];
-    fs::read_dir(dir)
-        .is_ok_and(|entries| entries.into_iter().all(|e| e.is_ok_and(|e| allowed.iter().any(|a| e.file_name() == *a))))
+    let ours = |name: &std::ffi::OsStr| {
+        let name = name.to_string_lossy();
+        allowed.iter().any(|a| name == *a) || (name.starts_with(".gradstats.") && name.ends_with(".tmp"))
+    };
+    fs::read_dir(dir).is_ok_and(|entries| entries.into_iter().all(|e| e.is_ok_and(|e| ours(&e.file_name()))))
 }
 
 /// A checkpoint directory: its files are a checkpoint's, and checkpoint.json carries

@@ -208,7 +208,7 @@ pub struct Summary {
 pub fn train(mut cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Outcome> {
     let device = device::resolve(cfg.run.device)?;
     let run = RunDir::new(&cfg.run.out_dir);
-    let corpus = load_corpus(&mut cfg)?;
+    let corpus = load_corpus(&mut cfg, None, None)?;
     let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
     let group = join_group(&cfg, device)?;
@@ -288,7 +288,12 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
         );
     }
     let device = device::resolve(cfg.run.device)?;
-    let corpus = load_corpus(&mut cfg)?;
+    // The corpus where training read it (absolute paths), unless the resume moves it; either
+    // way it must be the same text, file for file.
+    let recorded = ckpt.meta.corpus.as_ref();
+    let moved = cfg.data != ckpt.meta.config.data;
+    let source = recorded.filter(|_| !moved).map(|r| &r.data);
+    let corpus = load_corpus(&mut cfg, source, recorded.map(|r| (r, last.as_path())))?;
     data::check_vocab(&corpus.vocab, &ckpt.vocab()?, &corpus.file(Split::Train), &last)?;
     let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
@@ -336,8 +341,15 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
 
 /// Reads the corpus of `cfg` and settles `model.vocab_size`: taken from the corpus when left
 /// out, checked against it when set.
-fn load_corpus(cfg: &mut Config) -> Result<Corpus> {
-    let corpus = Corpus::load(&cfg.data)?;
+///
+/// `source` reads the corpus from other paths than `cfg.data`'s (a resumed run's recorded
+/// absolute paths); with `recorded`, every file read must be the text that record names.
+fn load_corpus(
+    cfg: &mut Config,
+    source: Option<&crate::config::DataConfig>,
+    recorded: Option<(&data::CorpusRecord, &Path)>,
+) -> Result<Corpus> {
+    let corpus = Corpus::load_recorded(source.unwrap_or(&cfg.data), recorded)?;
     let n = corpus.vocab.len() as i64;
     match cfg.model.vocab_size {
         None => cfg.model.vocab_size = Some(n),
@@ -897,6 +909,7 @@ impl Session {
             valid_ppl,
             best_valid_ppl: self.schedule.best,
             resume,
+            corpus: Some(self.corpus.record.clone()),
         }
     }
 
@@ -954,8 +967,7 @@ impl Session {
             test_seconds: t.elapsed().as_secs_f64(),
             train_seconds: self.records.iter().map(|r| r.seconds + r.valid_seconds).sum(),
         };
-        std::fs::write(self.run.summary(), serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("{}: cannot write", self.run.summary().display()))?;
+        crate::fsutil::write_atomic(&self.run.summary(), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         self.reporter.line(&format!(
             "best valid ppl {:.2} (epoch {}) | test ppl {:.2} | checkpoint {}",
             summary.best_valid_ppl.unwrap_or(f64::NAN),

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use ptb_lm::dynamic::{GradStats, Settings, StatsRecipe};
+use ptb_lm::dynamic::{GradStats, Settings, StatsKey, StatsRecipe};
 use ptb_lm::eval::perplexity_of_stream;
 use ptb_lm::model::LstmLm;
 use tch::{Device, Kind, Tensor};
@@ -25,8 +25,12 @@ fn random_ids(n: i64, seed: i64) -> Vec<i64> {
 }
 
 fn stats(model: &LstmLm, train: &[i64]) -> GradStats {
-    let recipe = StatsRecipe { batch_size: 4, bptt: 5, max_batches: None, train_tokens: train.len() };
-    GradStats::collect(model, train, recipe).unwrap()
+    let key = StatsKey {
+        recipe: StatsRecipe { batch_size: 4, bptt: 5, max_batches: None },
+        weights_sha256: ptb_lm::dynamic::weights_digest(model),
+        train_sha256: ptb_lm::dynamic::ids_digest(train),
+    };
+    GradStats::collect(model, train, key).unwrap()
 }
 
 #[test]
@@ -120,7 +124,9 @@ fn bad_dynamic_settings_are_one_line_errors() {
     for (flag, value, expect) in [
         ("--dyn-lr", "-1", "--dyn-lr must be >= 0"),
         ("--dyn-decay", "1", "--dyn-decay must be in [0, 1)"),
-        ("--dyn-bptt", "0", "--dyn-bptt must be at least 1"),
+        ("--dyn-bptt", "0", "--dyn-bptt"),
+        ("--dyn-bptt", "100000", "--dyn-bptt"),
+        ("--dyn-lr", "-inf", "--dyn-lr must be >= 0"),
         ("--dyn-epsilon", "0", "--dyn-epsilon must be > 0"),
     ] {
         let o = s.run(&["eval", "--checkpoint", "x", "--dynamic", flag, value]);

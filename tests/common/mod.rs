@@ -219,3 +219,27 @@ pub fn assert_no_null_numbers(dir: &Path) {
         }
     }
 }
+
+/// Reads a child's stream line by line until one contains `needle` (panics after 120 s, or
+/// when the stream ends first).
+pub fn wait_for(reader: &mut impl std::io::BufRead, needle: &str) -> String {
+    let start = std::time::Instant::now();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "stream ended before a line with {needle:?}");
+        if line.contains(needle) {
+            return line;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "no line with {needle:?}");
+    }
+}
+
+/// The number after `label` in `text` ("perplexity: 123.4567 (..." -> 123.4567).
+pub fn number_after(text: &str, label: &str) -> f64 {
+    let at = text.find(label).unwrap_or_else(|| panic!("no {label:?} in {text}")) + label.len();
+    let rest = &text[at..];
+    let end = rest.find(|c: char| c == ')' || c == ';' || c == ',' || c.is_whitespace()).unwrap_or(rest.len());
+    rest[..end].parse().unwrap_or_else(|_| panic!("no number after {label:?} in {text}"))
+}
