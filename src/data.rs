@@ -276,8 +276,11 @@ fn verify_checksum(file: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads, checks and normalises one corpus file.
 fn read_corpus_file(path: &Path, cfg: &DataConfig, hint: &str) -> Result<String> {
-    if !path.exists() {
-        bail!("{}: file not found{hint}", path.display());
+    // Only a missing file is "not found" (a symlink loop, say, is not: it is told as it is).
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{}: file not found{hint}", path.display()),
+        Err(e) => bail!("{}: cannot read ({e})", path.display()),
+        Ok(_) => {}
     }
     let text = read_text(path)?;
     verify_checksum(path, text.as_bytes())?;
@@ -322,8 +325,13 @@ impl Layout {
             return Ok(Layout::Files { train: get(0)?, valid: get(1)?, test: get(2)? });
         }
         let dir = cfg.dir.clone().unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR));
-        if !dir.is_dir() {
-            bail!("{}: no such directory{}", dir.display(), ptb_hint(&dir));
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("{}: not a directory; data.dir names a directory, data.file one text file", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{}: no such directory{}", dir.display(), ptb_hint(&dir))
+            }
+            Err(e) => bail!("{}: cannot read ({e})", dir.display()),
         }
         let Some(pattern) = PATTERNS.into_iter().find(|p| dir.join(p.replace("{}", "train")).is_file()) else {
             bail!(
@@ -348,14 +356,21 @@ impl Layout {
         }
     }
 
-    /// PTB's files already read rare words as `<unk>`: an unknown word there is an error.
+    /// PTB's files already read rare words as `<unk>`: an unknown word there is an error
+    /// (see [`unknown_as_unk`]).
     fn closed_vocabulary(&self) -> bool {
         matches!(self, Layout::Dir { pattern, .. } if pattern.starts_with("ptb."))
     }
 
+    /// What a missing file of this layout is told: in PTB's own directory how to fetch it,
+    /// in another directory which files it must hold.
     fn hint(&self) -> String {
         match self {
-            Layout::Dir { pattern, .. } if pattern.starts_with("ptb.") => PTB_HINT.to_string(),
+            Layout::Dir { dir, pattern } if pattern.starts_with("ptb.") && is_ptb_home(dir) => PTB_HINT.to_string(),
+            Layout::Dir { pattern, .. } => {
+                let [a, b, c] = Split::ALL.map(|s| pattern.replace("{}", s.name()));
+                format!(" (the corpus directory must hold {a}, {b} and {c}; or set data.train/valid/test)")
+            }
             _ => String::new(),
         }
     }
@@ -363,8 +378,19 @@ impl Layout {
 
 const PTB_HINT: &str = " (fetch PTB with scripts/download_ptb.sh, or set data.dir)";
 
+/// Where PTB itself is meant to be: a directory named `ptb` (the default `data/ptb`), or one
+/// whose `SHA256SUMS` lists PTB's three files (the download script writes it).
+fn is_ptb_home(dir: &Path) -> bool {
+    dir.ends_with("ptb")
+        || std::fs::read_to_string(dir.join("SHA256SUMS")).is_ok_and(|sums| {
+            let listed: Vec<&str> =
+                sums.lines().filter_map(|l| l.split_whitespace().nth(1)).map(|n| n.trim_start_matches('*')).collect();
+            Split::ALL.iter().all(|s| listed.contains(&format!("ptb.{s}.txt").as_str()))
+        })
+}
+
 fn ptb_hint(dir: &Path) -> String {
-    if dir.ends_with("ptb") {
+    if is_ptb_home(dir) {
         PTB_HINT.to_string()
     } else {
         String::new()
@@ -390,12 +416,35 @@ fn split_text(text: &str, valid_fraction: f64, test_fraction: f64, file: &Path) 
     };
     let test_start = cut(test_fraction);
     let valid_start = cut(valid_fraction + test_fraction);
-    if valid_start == 0 || valid_start >= test_start || test_start >= lines.len() {
+    let (name, n) = (file.display(), lines.len());
+    if n < 3 {
+        let lines = if n == 1 { "1 line is".to_string() } else { format!("{n} lines are") };
         bail!(
-            "{}: {} lines are too few to split into train, valid and test (data.valid_fraction = \
-             {valid_fraction}, data.test_fraction = {test_fraction})",
-            file.display(),
-            lines.len()
+            "{name}: {lines} too few to split into train, valid and test (each takes whole lines); \
+             use a longer text, or give the splits as data.dir or data.train/valid/test"
+        );
+    }
+    if test_start >= n {
+        bail!(
+            "{name}: the test split would be empty: data.test_fraction = {test_fraction} of the {total} tokens \
+             rounds to none; raise data.test_fraction"
+        );
+    }
+    if valid_start >= test_start {
+        let k = n - test_start;
+        bail!(
+            "{name}: the valid split would be empty: the test split's last {k} line{} already hold{} \
+             data.valid_fraction + data.test_fraction ({valid_fraction} + {test_fraction}) of the {total} \
+             tokens; raise data.valid_fraction",
+            if k == 1 { "" } else { "s" },
+            if k == 1 { "s" } else { "" },
+        );
+    }
+    if valid_start == 0 {
+        bail!(
+            "{name}: the train split would be empty: valid and test, whole lines from the end, need all {n} \
+             lines to reach data.valid_fraction + data.test_fraction ({valid_fraction} + {test_fraction}) of \
+             the {total} tokens; lower data.valid_fraction or data.test_fraction"
         );
     }
     let join = |r: std::ops::Range<usize>| lines[r].iter().flat_map(|l| [*l, "\n"]).collect::<String>();

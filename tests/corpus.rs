@@ -157,13 +157,25 @@ fn bad_corpora_are_one_line_errors_naming_the_file_or_key() {
     );
     std::fs::write(s.path("tiny.txt"), "one line only\n").unwrap();
     std::fs::write(s.path("latin1.txt"), b"caf\xe9 au lait\n").unwrap();
-    let cases: [(&str, &[&str]); 10] = [
+    std::fs::write(s.path("lines.txt"), shakespeare(4000)).unwrap();
+    std::os::unix::fs::symlink("loop", s.path("loop")).unwrap();
+    // A user's directory named like PTB's files, one of them missing (and no SHA256SUMS).
+    write_dir(&s.path("mine"), ["ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"], &parts);
+    std::fs::remove_file(s.path("mine/ptb.valid.txt")).unwrap();
+    let cases: [(&str, &[&str]); 14] = [
         ("dir = \"empty\"", &["empty/valid.txt: file is empty"]),
         ("dir = \"blank\"", &["blank/valid.txt: the valid split has no words"]),
         ("dir = \"odd\"", &["odd: no training split here", "data.file"]),
         ("dir = \"nowhere\"", &["nowhere: no such directory"]),
         ("dir = \"short\"", &["short/test.txt (test split, train.eval_batch_size = 10, train.bptt = 20)", "too short"]),
-        ("file = \"tiny.txt\"", &["tiny.txt: 1 lines are too few to split"]),
+        ("file = \"tiny.txt\"", &["tiny.txt: 1 line is too few to split"]),
+        ("file = \"lines.txt\"\ntest_fraction = 1e-9", &["lines.txt: the test split would be empty", "raise data.test_fraction"]),
+        ("file = \"loop\"", &["loop: cannot read (", "(os error 40)"]),
+        ("dir = \"loop\"", &["loop: cannot read (", "(os error 40)"]),
+        (
+            "dir = \"mine\"",
+            &["mine/ptb.valid.txt: file not found (the corpus directory must hold ptb.train.txt, ptb.valid.txt and ptb.test.txt"],
+        ),
         ("file = \"latin1.txt\"", &["latin1.txt: not UTF-8"]),
         ("dir = \"odd\"\nmax_vocab = 2", &["data.max_vocab must be at least 3"]),
         ("file = \"tiny.txt\"\nvalid_fraction = 1.5", &["data.valid_fraction must be in (0, 1)"]),
