@@ -335,7 +335,8 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
 }
 
 /// Reads the corpus of `cfg` and settles `model.vocab_size`: taken from the corpus when left
-/// out, checked against it when set.
+/// out, checked against it when set. The settled config is checked again, as loading a
+/// checkpoint checks it, so that no run trains to write checkpoints nothing can load.
 fn load_corpus(cfg: &mut Config) -> Result<Corpus> {
     let corpus = Corpus::load(&cfg.data)?;
     let n = corpus.vocab.len() as i64;
@@ -347,6 +348,7 @@ fn load_corpus(cfg: &mut Config) -> Result<Corpus> {
         ),
         Some(_) => {}
     }
+    cfg.validate().with_context(|| format!("{}: config with its vocabulary", corpus.file(Split::Train).display()))?;
     Ok(corpus)
 }
 
