@@ -202,8 +202,27 @@ pub fn save(dir: &Path, meta: &Meta, weights: &[(String, Tensor)], state: &[(Str
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let cpu: Vec<(&str, Tensor)> =
         tensors.iter().map(|(n, t)| (n.as_str(), t.detach().to_device(Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, path).with_context(|| format!("{}: cannot write", path.display()))?;
+    write_safetensors(&cpu, path)?;
     File::open(path)?.sync_all().with_context(|| format!("{}: fsync", path.display()))
+}
+
+/// Writes `tensors` to a safetensors file. A failure is one line in words, "PATH: cannot
+/// write (permission denied); ...", not the safetensors crate's debug text
+/// (`IoError(Os { code: 13, ... })`).
+pub fn write_safetensors<S: AsRef<str>, T: AsRef<Tensor>>(tensors: &[(S, T)], path: &Path) -> Result<()> {
+    Tensor::write_safetensors(tensors, path).map_err(|e| {
+        let why = match &e {
+            tch::TchError::Io(io)
+            | tch::TchError::SafeTensorError { err: safetensors::SafeTensorError::IoError(io), .. } => {
+                crate::fsutil::io_words(io)
+            }
+            other => other.to_string(),
+        };
+        anyhow::anyhow!(
+            "{}: cannot write ({why}); check that its directory is writable and its disk has room",
+            path.display()
+        )
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

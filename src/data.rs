@@ -11,9 +11,11 @@
 //!   sentence: one `<eos>`.
 //! * Vocabulary: from the training split alone, ids in order of first appearance; every word
 //!   by default, or only those seen `min_count` times, capped to the `max_vocab` most frequent,
-//!   the rest read as `<unk>`. In a PTB directory (`ptb.*.txt`, whose files already map rare
-//!   words to `<unk>`) a valid/test word outside the vocabulary is an error naming file and
-//!   line; elsewhere it is read as `<unk>` and counted.
+//!   the rest read as `<unk>`. It must hold at least 3 words (as `model.vocab_size` must): a
+//!   training split that gives fewer is an error saying why. In a PTB directory (`ptb.*.txt`,
+//!   whose files already map rare words to `<unk>`) a valid/test word outside an uncapped
+//!   vocabulary is an error naming file and line; elsewhere, and wherever `max_vocab` or
+//!   `min_count` caps the vocabulary, it is read as `<unk>` and counted.
 //! * Batching: `batch_size` parallel streams, stream `i` starting at `i * jump` with
 //!   `jump = (n - 1) / batch_size`; batch `k` holds steps `k*T .. (k+1)*T` of every stream, so
 //!   the hidden state of stream `i` carries over from batch `k` to batch `k + 1` (truncated
@@ -367,8 +369,11 @@ pub fn absolute_paths(cfg: &DataConfig) -> Result<DataConfig> {
 
 /// Reads, checks and normalises one corpus file; also its fingerprint.
 fn read_corpus_file(path: &Path, role: &str, cfg: &DataConfig, hint: &str) -> Result<(String, FileRecord)> {
-    if !path.exists() {
-        bail!("{}: file not found{hint}", path.display());
+    // Only a missing file is "not found" (a symlink loop, say, is not: it is told as it is).
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{}: file not found{hint}", path.display()),
+        Err(e) => bail!("{}: cannot read ({e})", path.display()),
+        Ok(_) => {}
     }
     // Read once: the fingerprint is of exactly the bytes the text comes from.
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -421,8 +426,13 @@ impl Layout {
             return Ok(Layout::Files { train: get(0)?, valid: get(1)?, test: get(2)? });
         }
         let dir = cfg.dir.clone().unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR));
-        if !dir.is_dir() {
-            bail!("{}: no such directory{}", dir.display(), ptb_hint(&dir));
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("{}: not a directory; data.dir names a directory, data.file one text file", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{}: no such directory{}", dir.display(), ptb_hint(&dir))
+            }
+            Err(e) => bail!("{}: cannot read ({e})", dir.display()),
         }
         let Some(pattern) = PATTERNS.into_iter().find(|p| dir.join(p.replace("{}", "train")).is_file()) else {
             bail!(
@@ -447,14 +457,21 @@ impl Layout {
         }
     }
 
-    /// PTB's files already read rare words as `<unk>`: an unknown word there is an error.
+    /// PTB's files already read rare words as `<unk>`: an unknown word there is an error
+    /// (see [`unknown_as_unk`]).
     fn closed_vocabulary(&self) -> bool {
         matches!(self, Layout::Dir { pattern, .. } if pattern.starts_with("ptb."))
     }
 
+    /// What a missing file of this layout is told: in PTB's own directory how to fetch it,
+    /// in another directory which files it must hold.
     fn hint(&self) -> String {
         match self {
-            Layout::Dir { pattern, .. } if pattern.starts_with("ptb.") => PTB_HINT.to_string(),
+            Layout::Dir { dir, pattern } if pattern.starts_with("ptb.") && is_ptb_home(dir) => PTB_HINT.to_string(),
+            Layout::Dir { pattern, .. } => {
+                let [a, b, c] = Split::ALL.map(|s| pattern.replace("{}", s.name()));
+                format!(" (the corpus directory must hold {a}, {b} and {c}; or set data.train/valid/test)")
+            }
             _ => String::new(),
         }
     }
@@ -462,8 +479,19 @@ impl Layout {
 
 const PTB_HINT: &str = " (fetch PTB with scripts/download_ptb.sh, or set data.dir)";
 
+/// Where PTB itself is meant to be: a directory named `ptb` (the default `data/ptb`), or one
+/// whose `SHA256SUMS` lists PTB's three files (the download script writes it).
+fn is_ptb_home(dir: &Path) -> bool {
+    dir.ends_with("ptb")
+        || std::fs::read_to_string(dir.join("SHA256SUMS")).is_ok_and(|sums| {
+            let listed: Vec<&str> =
+                sums.lines().filter_map(|l| l.split_whitespace().nth(1)).map(|n| n.trim_start_matches('*')).collect();
+            Split::ALL.iter().all(|s| listed.contains(&format!("ptb.{s}.txt").as_str()))
+        })
+}
+
 fn ptb_hint(dir: &Path) -> String {
-    if dir.ends_with("ptb") {
+    if is_ptb_home(dir) {
         PTB_HINT.to_string()
     } else {
         String::new()
@@ -489,12 +517,35 @@ fn split_text(text: &str, valid_fraction: f64, test_fraction: f64, file: &Path) 
     };
     let test_start = cut(test_fraction);
     let valid_start = cut(valid_fraction + test_fraction);
-    if valid_start == 0 || valid_start >= test_start || test_start >= lines.len() {
+    let (name, n) = (file.display(), lines.len());
+    if n < 3 {
+        let lines = if n == 1 { "1 line is".to_string() } else { format!("{n} lines are") };
         bail!(
-            "{}: {} lines are too few to split into train, valid and test (data.valid_fraction = \
-             {valid_fraction}, data.test_fraction = {test_fraction})",
-            file.display(),
-            lines.len()
+            "{name}: {lines} too few to split into train, valid and test (each takes whole lines); \
+             use a longer text, or give the splits as data.dir or data.train/valid/test"
+        );
+    }
+    if test_start >= n {
+        bail!(
+            "{name}: the test split would be empty: data.test_fraction = {test_fraction} of the {total} tokens \
+             rounds to none; raise data.test_fraction"
+        );
+    }
+    if valid_start >= test_start {
+        let k = n - test_start;
+        bail!(
+            "{name}: the valid split would be empty: the test split's last {k} line{} already hold{} \
+             data.valid_fraction + data.test_fraction ({valid_fraction} + {test_fraction}) of the {total} \
+             tokens; raise data.valid_fraction",
+            if k == 1 { "" } else { "s" },
+            if k == 1 { "s" } else { "" },
+        );
+    }
+    if valid_start == 0 {
+        bail!(
+            "{name}: the train split would be empty: valid and test, whole lines from the end, need all {n} \
+             lines to reach data.valid_fraction + data.test_fraction ({valid_fraction} + {test_fraction}) of \
+             the {total} tokens; lower data.valid_fraction or data.test_fraction"
         );
     }
     let join = |r: std::ops::Range<usize>| lines[r].iter().flat_map(|l| [*l, "\n"]).collect::<String>();
@@ -553,16 +604,12 @@ impl Corpus {
         let Texts { texts, files, split_lines } = Corpus::texts(&layout, cfg, &Split::ALL, record)?;
         let train_text = texts[0].as_deref().expect("train was read");
         let vocab = Corpus::vocabulary(train_text, cfg, &layout);
-        if vocab.is_empty() {
-            bail!("{}: the training split has no words", layout.file(Split::Train).display());
-        }
-        let lenient = !layout.closed_vocabulary();
+        check_vocab_size(&vocab, train_text, cfg, &layout.file(Split::Train))?;
         let mut ids: Vec<Vec<i64>> = Vec::new();
         let mut replaced = [0; 3];
         for (i, split) in Split::ALL.into_iter().enumerate() {
             let text = texts[i].as_deref().expect("every split was read");
-            // Training words left out of a capped vocabulary are <unk> by design.
-            let (v, r) = vocab.encode_counted(text, &layout.file(split), lenient || split == Split::Train)?;
+            let (v, r) = vocab.encode_counted(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))?;
             if v.iter().all(|&t| Some(t) == vocab.id(EOS)) {
                 bail!("{}: the {split} split has no words", layout.file(split).display());
             }
@@ -606,7 +653,7 @@ impl Corpus {
         }
         let i = Split::ALL.iter().position(|&s| s == split).expect("a split");
         let text = texts[i].as_deref().expect("the split was read");
-        vocab.encode_marked(text, &layout.file(split), !layout.closed_vocabulary() || split == Split::Train)
+        vocab.encode_marked(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))
     }
 
     /// The texts of `want` (others None), the fingerprints of the files read, and for a
@@ -651,7 +698,7 @@ impl Corpus {
     /// `<unk>`, which valid and test words the training split lacks are read as.
     fn vocabulary(train: &str, cfg: &DataConfig, layout: &Layout) -> Vocab {
         let open = !layout.closed_vocabulary();
-        if cfg.max_vocab.is_none() && cfg.min_count <= 1 {
+        if !capped(cfg) {
             let mut v = Vocab::build(tokens(train));
             if open {
                 v.add(UNK);
@@ -711,6 +758,65 @@ impl Corpus {
         let limit = token_limit(cfg, split);
         batches_of(truncate(self.split(split), limit), split, &self.file(split), limit, batch, bptt, device)
     }
+}
+
+/// Whether `cfg` caps the vocabulary (`data.max_vocab`, or `data.min_count` above 1).
+fn capped(cfg: &DataConfig) -> bool {
+    cfg.max_vocab.is_some() || cfg.min_count > 1
+}
+
+/// The one rule for a word of `split` that the vocabulary lacks: read as `<unk>` (and
+/// counted), or an error naming file and line. It is an error only in valid/test of an
+/// uncapped PTB directory, whose files already map rare words to `<unk>` (so a word unseen
+/// in training means the files do not belong together); training words left out of a capped
+/// vocabulary, and valid/test words a cap left out, are `<unk>` by design.
+fn unknown_as_unk(layout: &Layout, cfg: &DataConfig, split: Split) -> bool {
+    split == Split::Train || !layout.closed_vocabulary() || capped(cfg)
+}
+
+/// Fewest words a vocabulary may hold: as `model.vocab_size` (see `Config::validate`), or
+/// no checkpoint of the model could be loaded.
+const MIN_VOCAB: usize = 3;
+
+/// Refuses a vocabulary of fewer than [`MIN_VOCAB`] words, saying why the training split
+/// gives so few: it has no words, `data.min_count` leaves none of them, or it has one.
+fn check_vocab_size(vocab: &Vocab, train: &str, cfg: &DataConfig, file: &Path) -> Result<()> {
+    if vocab.len() >= MIN_VOCAB {
+        return Ok(());
+    }
+    let (words, counts) = Vocab::build_counted(tokens(train).filter(|&w| w != EOS));
+    let name = file.display();
+    if words.is_empty() {
+        bail!("{name}: the training split has no words");
+    }
+    let kept = vocab.words().iter().filter(|w| words.id(w).is_some()).count();
+    if kept == 0 {
+        let most = counts.iter().max().copied().unwrap_or(0);
+        bail!(
+            "{name}: data.min_count = {} leaves no word of the training split (its most frequent word is seen \
+             {most} time{}); lower data.min_count",
+            cfg.min_count,
+            if most == 1 { "" } else { "s" }
+        );
+    }
+    if kept < words.len() {
+        bail!(
+            "{name}: data.max_vocab = {} and data.min_count = {} leave {} word{} of the training split, too few \
+             with {EOS}; raise data.max_vocab or lower data.min_count",
+            cfg.max_vocab.map_or("(none)".to_string(), |m| m.to_string()),
+            cfg.min_count,
+            kept,
+            if kept == 1 { "" } else { "s" }
+        );
+    }
+    bail!(
+        "{name}: the training split has only {} distinct word{} ({}), and with {EOS} that is {} of the {MIN_VOCAB} \
+         words a vocabulary needs at least; train on a text with more words",
+        words.len(),
+        if words.len() == 1 { "" } else { "s" },
+        words.words().iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(", "),
+        vocab.len()
+    );
 }
 
 /// The cap `cfg` puts on `split` (`data.{split}_tokens`), if any.
@@ -884,6 +990,71 @@ mod tests {
         assert_eq!((a.lines().count(), b.lines().count(), c.lines().count()), (70, 10, 20));
         assert!(b.starts_with("w70 x\n") && c.starts_with("w80 x\n"));
         assert!(split_text("one line\n", 0.1, 0.1, Path::new("f")).unwrap_err().to_string().contains("too few"));
+    }
+
+    #[test]
+    fn an_empty_split_is_named_with_the_key_that_empties_it() {
+        let err = |text: &str, v: f64, t: f64| split_text(text, v, t, Path::new("f")).unwrap_err().to_string();
+        let text: String = (0..4000).map(|i| format!("w{i} x\n")).collect();
+        // 1e-9 of 12000 tokens rounds to none.
+        let e = err(&text, 0.05, 1e-9);
+        assert!(e.starts_with("f: the test split would be empty") && e.ends_with("raise data.test_fraction"), "{e}");
+        assert!(!e.contains("too few"), "{e}");
+        // The last line alone holds more than both fractions ask for: valid gets nothing.
+        let text = format!("a\nb\nc\n{}\n", "w ".repeat(100));
+        let e = err(&text, 0.05, 0.05);
+        assert!(e.starts_with("f: the valid split would be empty") && e.ends_with("raise data.valid_fraction"), "{e}");
+        // The first line holds nearly everything, and valid and test need more than the rest.
+        let text = format!("{}\nb\nc\nd\n", "w ".repeat(100));
+        let e = err(&text, 0.09, 0.01);
+        assert!(e.starts_with("f: the train split would be empty"), "{e}");
+        assert!(e.ends_with("lower data.valid_fraction or data.test_fraction"), "{e}");
+        assert!(err("a\nb\n", 0.3, 0.3).starts_with("f: 2 lines are too few to split"));
+    }
+
+    fn dir_layout(pattern: &'static str) -> Layout {
+        Layout::Dir { dir: PathBuf::from("mine"), pattern }
+    }
+
+    #[test]
+    fn a_vocabulary_of_fewer_than_three_words_is_refused_with_its_reason() {
+        let too_small = |train: &str, cfg: &DataConfig, layout: &Layout| {
+            let vocab = Corpus::vocabulary(train, cfg, layout);
+            assert!(vocab.len() < MIN_VOCAB, "{:?}", vocab.words());
+            check_vocab_size(&vocab, train, cfg, Path::new("t.txt")).unwrap_err().to_string()
+        };
+        let plain = DataConfig::default();
+        let e =
+            too_small("a b a\nb\n", &DataConfig { min_count: 1_000_000_000, ..plain.clone() }, &dir_layout("{}.txt"));
+        assert_eq!(
+            e,
+            "t.txt: data.min_count = 1000000000 leaves no word of the training split (its most frequent word is \
+             seen 2 times); lower data.min_count"
+        );
+        let e = too_small("a a\na\n", &plain, &dir_layout("ptb.{}.txt"));
+        assert!(e.starts_with("t.txt: the training split has only 1 distinct word ('a')"), "{e}");
+        let e = too_small("\n\n", &plain, &dir_layout("{}.txt"));
+        assert_eq!(e, "t.txt: the training split has no words");
+        // Three words pass, in either kind of directory.
+        for layout in [dir_layout("ptb.{}.txt"), dir_layout("{}.txt")] {
+            let vocab = Corpus::vocabulary("a b\n", &plain, &layout);
+            check_vocab_size(&vocab, "a b\n", &plain, Path::new("t.txt")).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_unknown_word_is_an_error_only_in_valid_or_test_of_an_uncapped_ptb_directory() {
+        let plain = DataConfig::default();
+        let capped =
+            [DataConfig { max_vocab: Some(5000), ..plain.clone() }, DataConfig { min_count: 2, ..plain.clone() }];
+        let ptb = dir_layout("ptb.{}.txt");
+        for split in Split::ALL {
+            assert_eq!(unknown_as_unk(&ptb, &plain, split), split == Split::Train, "{split}");
+            for cfg in &capped {
+                assert!(unknown_as_unk(&ptb, cfg, split), "{split}: a capped word is <unk>");
+            }
+            assert!(unknown_as_unk(&dir_layout("{}.txt"), &plain, split), "{split}: an open vocabulary");
+        }
     }
 
     #[test]

@@ -263,8 +263,7 @@ impl GradStats {
         if let Err(e) = std::fs::File::create(&tmp) {
             bail!("{}: cannot write ({})", dir.join(STATS_FILE).display(), crate::fsutil::io_words(&e));
         }
-        let written = Tensor::write_safetensors(&named, &tmp)
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        let written = crate::checkpoint::write_safetensors(&named, &tmp)
             .and_then(|()| Ok(std::fs::read(&tmp)?))
             .and_then(|bytes| {
                 std::fs::File::open(&tmp)?.sync_all()?;
@@ -274,7 +273,8 @@ impl GradStats {
             Ok(b) => b,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                bail!("{}: cannot write ({})", dir.join(STATS_FILE).display(), first_line(&e.to_string()));
+                let final_name = dir.join(STATS_FILE).display().to_string();
+                bail!("{}", first_line(&e.to_string()).replace(&tmp.display().to_string(), &final_name));
             }
         };
         let meta =

@@ -40,13 +40,12 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
-/// An I/O error in words ("permission denied", "No space left on device (os error 28)").
+/// An I/O error as words: "permission denied", not "Permission denied (os error 13)".
 pub fn io_words(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-        std::io::ErrorKind::NotFound => "no such file or directory".to_string(),
-        _ => e.to_string(),
-    }
+    let text = e.to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_lowercase().chain(chars).collect()).unwrap_or_else(|| e.kind().to_string())
 }
 
 #[cfg(test)]

@@ -340,7 +340,8 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
 }
 
 /// Reads the corpus of `cfg` and settles `model.vocab_size`: taken from the corpus when left
-/// out, checked against it when set.
+/// out, checked against it when set. The settled config is checked again, as loading a
+/// checkpoint checks it, so that no run trains to write checkpoints nothing can load.
 ///
 /// `source` reads the corpus from other paths than `cfg.data`'s (a resumed run's recorded
 /// absolute paths); with `recorded`, every file read must be the text that record names.
@@ -359,6 +360,7 @@ fn load_corpus(
         ),
         Some(_) => {}
     }
+    cfg.validate().with_context(|| format!("{}: config with its vocabulary", corpus.file(Split::Train).display()))?;
     Ok(corpus)
 }
 

@@ -157,13 +157,25 @@ fn bad_corpora_are_one_line_errors_naming_the_file_or_key() {
     );
     std::fs::write(s.path("tiny.txt"), "one line only\n").unwrap();
     std::fs::write(s.path("latin1.txt"), b"caf\xe9 au lait\n").unwrap();
-    let cases: [(&str, &[&str]); 10] = [
+    std::fs::write(s.path("lines.txt"), shakespeare(4000)).unwrap();
+    std::os::unix::fs::symlink("loop", s.path("loop")).unwrap();
+    // A user's directory named like PTB's files, one of them missing (and no SHA256SUMS).
+    write_dir(&s.path("mine"), ["ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"], &parts);
+    std::fs::remove_file(s.path("mine/ptb.valid.txt")).unwrap();
+    let cases: [(&str, &[&str]); 14] = [
         ("dir = \"empty\"", &["empty/valid.txt: file is empty"]),
         ("dir = \"blank\"", &["blank/valid.txt: the valid split has no words"]),
         ("dir = \"odd\"", &["odd: no training split here", "data.file"]),
         ("dir = \"nowhere\"", &["nowhere: no such directory"]),
         ("dir = \"short\"", &["short/test.txt (test split, train.eval_batch_size = 10, train.bptt = 20)", "too short"]),
-        ("file = \"tiny.txt\"", &["tiny.txt: 1 lines are too few to split"]),
+        ("file = \"tiny.txt\"", &["tiny.txt: 1 line is too few to split"]),
+        ("file = \"lines.txt\"\ntest_fraction = 1e-9", &["lines.txt: the test split would be empty", "raise data.test_fraction"]),
+        ("file = \"loop\"", &["loop: cannot read (", "(os error 40)"]),
+        ("dir = \"loop\"", &["loop: cannot read (", "(os error 40)"]),
+        (
+            "dir = \"mine\"",
+            &["mine/ptb.valid.txt: file not found (the corpus directory must hold ptb.train.txt, ptb.valid.txt and ptb.test.txt"],
+        ),
         ("file = \"latin1.txt\"", &["latin1.txt: not UTF-8"]),
         ("dir = \"odd\"\nmax_vocab = 2", &["data.max_vocab must be at least 3"]),
         ("file = \"tiny.txt\"\nvalid_fraction = 1.5", &["data.valid_fraction must be in (0, 1)"]),
@@ -174,5 +186,36 @@ fn bad_corpora_are_one_line_errors_naming_the_file_or_key() {
         let o = s.run(&["train", "--config", &cfg]);
         assert_one_line_error(&o, expect);
         assert!(!s.path(&format!("run-bad{i}")).exists(), "{data}: a run was started");
+        // Only PTB's own directory is told to fetch PTB.
+        assert!(!stderr(&o).contains("download_ptb.sh"), "{data}: {}", stderr(&o));
     }
+}
+
+#[test]
+fn a_vocabulary_too_small_for_a_checkpoint_is_refused_before_the_run_starts() {
+    let s = Sandbox::new();
+    // Every word below min_count: <eos> and <unk> are all that is left.
+    std::fs::write(s.path("words.txt"), shakespeare(4000)).unwrap();
+    let cfg = config(&s, "few", "file = \"words.txt\"\nmin_count = 1000000000");
+    let o = s.run(&["train", "--config", &cfg]);
+    assert_one_line_error(
+        &o,
+        &["words.txt: data.min_count = 1000000000 leaves no word of the training split", "lower data.min_count"],
+    );
+    assert!(!s.path("run-few").exists(), "a run was started");
+    // A PTB-named directory (closed vocabulary, no <unk> added) of one word type.
+    let text = |line: &str| line.repeat(3000);
+    let ptb_names = ["ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"];
+    write_dir(&s.path("one"), ptb_names, &[text("the the\n"), text("the\n"), text("the\n")]);
+    let cfg = config(&s, "one", "dir = \"one\"");
+    let o = s.run(&["train", "--config", &cfg]);
+    assert_one_line_error(&o, &["one/ptb.train.txt: the training split has only 1 distinct word ('the')"]);
+    assert!(!s.path("run-one").exists(), "a run was started");
+    // Two word types and <eos>, the fewest there may be: the run trains, and its checkpoint loads.
+    write_dir(&s.path("two"), ptb_names, &[text("the cat\n"), text("cat the\n"), text("the cat\n")]);
+    let cfg = config(&s, "two", "dir = \"two\"");
+    assert_success(&s.run(&["train", "--config", &cfg]));
+    assert_eq!(corpus_json(&s, "run-two")["vocab_size"].as_u64(), Some(3));
+    assert_success(&s.run(&["eval", "--checkpoint", "run-two/best", "--device", "cpu"]));
+    assert_success(&s.run(&["generate", "--checkpoint", "run-two/best", "--words", "3"]));
 }

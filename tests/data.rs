@@ -44,6 +44,41 @@ fn training_batches_cover_the_corpus_like_the_book() {
     }
 }
 
+#[test]
+fn a_capped_vocabulary_reads_the_ptb_words_it_left_out_as_unk() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let cap = ["--set", "data.max_vocab=5000", "--set", "model.vocab_size=5000"];
+    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"];
+    args.extend(cap);
+    assert_success(&s.run(&args));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/corpus.json")).unwrap()).unwrap();
+    assert_eq!(info["vocab_size"].as_u64(), Some(5000));
+    let unk = |i: usize| info["unk_replaced"][i].as_u64().unwrap();
+    assert!(unk(1) > 0 && unk(2) > 0, "valid and test words the cap left out are <unk>: {info}");
+    // eval reads the split by the same rule, and counts the same words.
+    let o = s.run(&["eval", "--checkpoint", "run/best", "--split", "valid", "--device", "cpu"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains(&format!("; {} words read as <unk>", unk(1))), "{}", stdout(&o));
+
+    // A word never seen in training: an error in PTB's closed vocabulary when uncapped, one
+    // more <unk> when capped.
+    copy_ptb(&s.path("odd"));
+    std::fs::remove_file(s.path("odd/SHA256SUMS")).unwrap();
+    let valid = s.path("odd/ptb.valid.txt");
+    let mut text = std::fs::read_to_string(&valid).unwrap();
+    let line = text.lines().count() + 1;
+    text.push_str("qqzzxxyy\n");
+    std::fs::write(&valid, text).unwrap();
+    let plain = ptb_lm::config::DataConfig { dir: Some(s.path("odd")), ..Default::default() };
+    let err = Corpus::load(&plain).err().expect("an unseen word in PTB's valid split").to_string();
+    assert!(err.ends_with(&format!("ptb.valid.txt line {line}: word 'qqzzxxyy' is not in the training vocabulary")));
+    let capped = ptb_lm::config::DataConfig { max_vocab: Some(5000), ..plain };
+    let corpus = Corpus::load(&capped).unwrap();
+    assert_eq!(corpus.info.unk_replaced[1] as u64, unk(1) + 1);
+}
+
 fn train_args<'a>(cfg: &'a str, data: &'a str) -> Vec<&'a str> {
     vec!["train", "--config", cfg, "--data-dir", data, "--epochs", "1"]
 }

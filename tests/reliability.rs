@@ -597,3 +597,15 @@ fn a_newcomer_on_a_cpu_is_told_how_long_the_run_will_take() {
     let (code, _) = finish(child);
     assert_eq!(code, Some(130));
 }
+
+#[test]
+fn a_tensor_file_that_cannot_be_written_is_told_in_words() {
+    let s = Sandbox::new();
+    // Its directory is a file: the write fails on any machine, as any user.
+    std::fs::write(s.path("plain"), "a file").unwrap();
+    let path = s.path("plain/model.safetensors");
+    let t = tch::Tensor::zeros([2], (tch::Kind::Float, Device::Cpu));
+    let err = ptb_lm::checkpoint::write_safetensors(&[("w", &t)], &path).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}: cannot write (not a directory); ", path.display())), "{err}");
+    assert!(!err.contains("Os {") && !err.contains("IoError"), "debug text: {err}");
+}
