@@ -282,9 +282,11 @@ fn run_dynamic(
     if opts.search {
         let (valid, _) = Corpus::load_split(data, Split::Valid, vocab, &ckpt.dir, recorded)?;
         let valid = &valid[..valid.len().min(opts.search_tokens)];
-        search_tokens = valid.len().saturating_sub(1);
+        search_tokens = valid.len();
         if search_tokens < MIN_SEARCH_TOKENS {
-            bail!("--dynamic-search: the validation split has only {search_tokens} tokens to score; it needs at least {MIN_SEARCH_TOKENS}");
+            bail!(
+                "--dynamic-search: the validation split has only {search_tokens} tokens; it needs at least {MIN_SEARCH_TOKENS}"
+            );
         }
         for point in settings.grid() {
             search.push((point, dynamic::perplexity(model, valid, &stats, &point)?));

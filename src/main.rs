@@ -205,10 +205,14 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        // Usage errors as one line, like every other error; help and version as clap prints them.
+        // Usage errors as one line, like every other error (the first paragraph of clap's
+        // message: "the following required arguments were not provided:" keeps its list);
+        // help and version as clap prints them.
         Err(e) if e.use_stderr() => {
             let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            let first: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let line = if first.is_empty() { "error: bad arguments".to_string() } else { first.join(" ") };
+            eprintln!("{line}");
             return ExitCode::from(2);
         }
         Err(e) => e.exit(),

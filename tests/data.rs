@@ -57,10 +57,17 @@ fn a_capped_vocabulary_reads_the_ptb_words_it_left_out_as_unk() {
     assert_eq!(info["vocab_size"].as_u64(), Some(5000));
     let unk = |i: usize| info["unk_replaced"][i].as_u64().unwrap();
     assert!(unk(1) > 0 && unk(2) > 0, "valid and test words the cap left out are <unk>: {info}");
-    // eval reads the split by the same rule, and counts the same words.
+    // eval reads the split by the same rule, and counts the words among the tokens it scores
+    // (the config's first 6000 of valid).
+    let vocab = ptb_lm::checkpoint::Checkpoint::load(&s.path("run/best")).unwrap().vocab().unwrap();
+    let valid = ptb_dir().join("ptb.valid.txt");
+    let (_, marked) = vocab.encode_marked(&std::fs::read_to_string(&valid).unwrap(), &valid, true).unwrap();
+    assert_eq!(marked.len() as u64, unk(1));
+    let scored = marked.iter().filter(|&&i| i < 6000).count();
+    assert!(0 < scored && (scored as u64) < unk(1));
     let o = s.run(&["eval", "--checkpoint", "run/best", "--split", "valid", "--device", "cpu"]);
     assert_success(&o);
-    assert!(stdout(&o).contains(&format!("; {} words read as <unk>", unk(1))), "{}", stdout(&o));
+    assert!(stdout(&o).contains(&format!("; {scored} words read as <unk>")), "{}", stdout(&o));
 
     // A word never seen in training: an error in PTB's closed vocabulary when uncapped, one
     // more <unk> when capped.

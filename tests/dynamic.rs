@@ -133,3 +133,88 @@ fn bad_dynamic_settings_are_one_line_errors() {
         assert_one_line_error(&o, &[expect]);
     }
 }
+
+/// A tiny run on PTB (one epoch) in a fresh sandbox.
+fn trained() -> Sandbox {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    assert_success(&s.run(&["train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]));
+    std::fs::write(s.path("short.txt"), "the company said it expects to report a loss\n".repeat(4)).unwrap();
+    s
+}
+
+#[test]
+fn a_diverged_dynamic_evaluation_is_an_error_never_a_number() {
+    let s = trained();
+    let base = ["eval", "--checkpoint", "run/best", "--device", "cpu", "--dyn-stats-batches", "3"];
+    let with = |extra: &[&str], failpoint: bool| {
+        let mut c = s.command(&[&base[..], extra].concat());
+        if failpoint {
+            c.env("PTB_LM_FAILPOINT_DYNAMIC", "nan");
+        }
+        c.output().unwrap()
+    };
+    // Every update poisons the weights: the perplexity cannot be trusted.
+    let o = with(&["--dynamic", "--file", "short.txt"], true);
+    assert_one_line_error(&o, &["dynamic evaluation diverged", "--dyn-lr", "--dynamic-search"]);
+    // A search whose every point diverges fails, and does not suggest itself.
+    let o = with(&["--dynamic-search", "--dyn-search-tokens", "100", "--file", "short.txt"], true);
+    assert_one_line_error(&o, &["every point of the grid diverged", "--dyn-epsilon"]);
+    assert!(!stderr(&o).contains("let --dynamic-search"), "{}", stderr(&o));
+    // Absurd settings without the failpoint: a finite number, or an error; never inf or NaN.
+    for extra in [["--dyn-lr", "1e308"], ["--dyn-epsilon", "1e-300"]] {
+        let o = with(&[&["--dynamic", "--file", "short.txt"][..], &extra[..]].concat(), false);
+        if o.status.success() {
+            let ppl = number_after(&stdout(&o), "perplexity: ");
+            assert!(ppl.is_finite(), "{extra:?}: exit 0 with perplexity {ppl}");
+        } else {
+            assert_one_line_error(&o, &["diverged"]);
+        }
+    }
+    // --dyn-lr 0 is static evaluation, and says so rather than "made it worse".
+    let o = with(&["--dynamic", "--file", "short.txt", "--dyn-lr", "0"], false);
+    assert_success(&o);
+    let out = stdout(&o);
+    assert!(out.contains("this is static evaluation") && !out.contains("worse"), "{out}");
+    assert_eq!(number_after(&out, "perplexity: "), number_after(&out, "static, one stream: "));
+}
+
+#[test]
+fn the_search_says_how_many_tokens_it_scored() {
+    let s = trained();
+    let o = s.run(&[
+        "eval",
+        "--checkpoint",
+        "run/best",
+        "--device",
+        "cpu",
+        "--file",
+        "short.txt",
+        "--dynamic-search",
+        "--dyn-stats-batches",
+        "3",
+        "--dyn-search-tokens",
+        "120",
+    ]);
+    assert_success(&o);
+    assert!(stdout(&o).starts_with("validation perplexity, dynamic, first 120 tokens:"), "{}", stdout(&o));
+}
+
+#[test]
+fn dynamic_flags_are_refused_without_dynamic_evaluation_and_batch_size_with_it() {
+    let s = Sandbox::new();
+    for (args, expect) in [
+        (&["--dyn-lr", "NaN"][..], &["--dynamic", "--dynamic-search"][..]),
+        (&["--dyn-bptt", "3"], &["--dynamic"]),
+        (&["--dyn-stats-batches", "3"], &["--dynamic"]),
+        (&["--dynamic", "--dyn-search-tokens", "500"], &["--dynamic-search"]),
+        (&["--dynamic-search", "--batch-size", "5"], &["--dynamic-search", "--batch-size"]),
+        (&["--dynamic", "--batch-size", "5"], &["--dynamic", "--batch-size"]),
+        (&["--dynamic-search", "--dyn-search-tokens", "1"], &["--dyn-search-tokens"]),
+        (&["--dynamic-search", "--dyn-search-tokens", "0"], &["--dyn-search-tokens"]),
+    ] {
+        let o = s.run(&[&["eval", "--checkpoint", "x"][..], args].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, expect);
+    }
+}
