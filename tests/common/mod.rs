@@ -132,14 +132,17 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// The command failed with a one-line `error: ...` as the last line of stderr (after
-/// nothing but `warning: ...` lines), containing every fragment of `expect`.
+/// nothing but `warning: ...` and `note: ...` lines), containing every fragment of `expect`.
 pub fn assert_one_line_error(o: &Output, expect: &[&str]) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, got success; stdout:\n{}", stdout(o));
     let lines: Vec<&str> = err.trim_end().lines().collect();
     let (last, before) = lines.split_last().unwrap_or_else(|| panic!("no error message"));
     assert!(last.starts_with("error: "), "expected a one-line error, got:\n{err}");
-    assert!(before.iter().all(|l| l.starts_with("warning: ")), "expected a one-line error, got:\n{err}");
+    assert!(
+        before.iter().all(|l| l.starts_with("warning: ") || l.starts_with("note: ")),
+        "expected a one-line error, got:\n{err}"
+    );
     for e in expect {
         assert!(last.contains(e), "error should mention {e:?}: {err}");
     }
