@@ -1,6 +1,9 @@
 //! Text generation: the stateful model reads the prompt, then samples one word at a time,
 //! feeding each back in (the book's `RnnlmGen.generate`, with temperature and top-k).
 //!
+//! The model reads the prompt without its decoder ([`LstmLm::read`], a piece at a time), so
+//! a prompt of any length costs the memory of one piece; only its last word is scored.
+//!
 //! The next word is drawn from [`next_word_distribution`]: softmax(logits / T) over the
 //! allowed words (all but `<unk>` unless allowed), restricted to the k likeliest with top-k
 //! and renormalised; computed in f64 on a copy, so the model's logits are never changed and
@@ -13,7 +16,8 @@ use crate::model::{LstmLm, State};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Temperatures allowed besides 0: outside, the scaled logits over- or underflow into a
@@ -99,6 +103,54 @@ pub fn read_prompt(vocab: &Vocab, prompt: &str) -> Result<Prompt> {
     Ok(p)
 }
 
+/// The text of `--prompt-file`: the file `path`, or standard input for `-`; UTF-8, a leading
+/// byte-order mark dropped. Errors name the file (or standard input).
+pub fn read_prompt_file(path: &Path) -> Result<String> {
+    let stdin = path.as_os_str() == "-";
+    let name = if stdin { "standard input".to_string() } else { path.display().to_string() };
+    let mut bytes = Vec::new();
+    let read = if stdin {
+        std::io::stdin().lock().read_to_end(&mut bytes).map(|_| ())
+    } else {
+        std::fs::read(path).map(|b| bytes = b)
+    };
+    read.map_err(|e| {
+        anyhow::anyhow!("{name}: cannot read the prompt ({e}); give a readable file, or - for standard input")
+    })?;
+    let mut text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{name}: not UTF-8 text (invalid byte at offset {}); save the prompt as UTF-8",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
+/// Prompt words read per call of [`LstmLm::read`]: a long prompt is read in pieces, the
+/// state carried from one to the next, so it takes the memory of one piece.
+pub const PROMPT_PIECE: usize = 1024;
+
+/// The model's next-word logits (floats, on the CPU) and its state after reading `ids` from
+/// a zero state: every word but the last goes through the embedding and LSTM alone
+/// ([`LstmLm::read`], [`PROMPT_PIECE`] at a time), the last through the whole model. The
+/// same numbers, up to rounding, as one [`LstmLm::forward`] over `ids`, without its logits at
+/// every position (V floats per word).
+pub fn read_ids(model: &LstmLm, ids: &[i64]) -> Result<(Vec<f32>, State)> {
+    let (last, prefix) = ids.split_last().context("the model has no word to read")?;
+    let device = model.device();
+    tch::no_grad(|| {
+        let mut state = model.zero_state(1);
+        for piece in prefix.chunks(PROMPT_PIECE) {
+            state = model.read(&Tensor::from_slice(piece).view([-1, 1]).to_device(device), &state);
+        }
+        let f = model.forward(&Tensor::from_slice(&[*last]).view([1, 1]).to_device(device), &state, false);
+        Ok((last_logits(&f.logits)?, f.state))
+    })
+}
+
 /// The distribution the next word is drawn from, as (word id, probability) pairs summing to
 /// 1: softmax(logits / temperature) over every word but `banned`, cut to the `top_k`
 /// likeliest (ties: the lower id first) and renormalised. Temperature 0: the likeliest word.
@@ -176,12 +228,7 @@ pub fn generate(
     let eos = vocab.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
     let banned = if opts.allow_unk { None } else { vocab.id(UNK) };
     let device = model.device();
-    let (prompt_logits, prompt_state) = tch::no_grad(|| {
-        let x = Tensor::from_slice(&prompt.ids).view([-1, 1]).to_device(device);
-        let f = model.forward(&x, &model.zero_state(1), false);
-        (last_logits(&f.logits), f.state)
-    });
-    let prompt_logits = prompt_logits?;
+    let (prompt_logits, prompt_state) = read_ids(model, &prompt.ids)?;
     for s in 0..opts.samples {
         if s > 0 {
             out.write_all(b"\n\n")?;

@@ -157,6 +157,10 @@ struct GenerateArgs {
     /// Words the model reads before sampling (empty: start a new sentence)
     #[arg(long, default_value = "")]
     prompt: String,
+    /// Read the prompt from FILE instead (`-`: standard input), for prompts too long for the
+    /// command line: words separated by any whitespace, line breaks included, as in --prompt
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+    prompt_file: Option<PathBuf>,
     /// Words to generate per sample
     #[arg(long, default_value_t = 100)]
     words: usize,
@@ -327,10 +331,14 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         samples: args.samples,
     };
     opts.validate()?;
+    let text = match &args.prompt_file {
+        Some(file) => generate::read_prompt_file(file)?,
+        None => args.prompt,
+    };
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let model = ckpt.model(device::resolve(args.device)?)?;
     let vocab = ckpt.vocab()?;
-    let prompt = generate::read_prompt(&vocab, &args.prompt)?;
+    let prompt = generate::read_prompt(&vocab, &text)?;
     if !prompt.unknown.is_empty() {
         eprintln!("warning: not in the vocabulary, read as <unk>: {}", prompt.unknown.join(", "));
     }

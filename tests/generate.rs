@@ -167,6 +167,10 @@ fn generate_refuses_bad_arguments() {
     assert_one_line_error(&o, &["--words"]);
     let o = command().args(["generate", "--checkpoint", "/nonexistent/best"]).output().unwrap();
     assert_one_line_error(&o, &["/nonexistent/best: no such checkpoint directory"]);
+    let o = generate(&["--prompt", "the", "--prompt-file", "p.txt"]);
+    assert_one_line_error(&o, &["--prompt-file", "cannot be used with", "--prompt"]);
+    let o = generate(&["--prompt-file", "/nonexistent/prompt.txt"]);
+    assert_one_line_error(&o, &["/nonexistent/prompt.txt: cannot read the prompt"]);
 }
 
 #[test]
@@ -287,8 +291,8 @@ fn samples_follow_the_models_distribution_at_every_temperature() {
         }
         // Nothing outside the distribution's support (<unk> when banned, words outside top-k).
         // The sampler computes its scores in another process, with other threads and another
-        // sequence of float operations, so a word tied with the k-th at float precision may fall
-        // on either side of the cut.
+        // sequence of float operations (the prompt read without the decoder), so a word tied
+        // with the k-th at float precision may fall on either side of the cut.
         for (id, (&c, &q)) in counts.iter().zip(&p).enumerate() {
             let at_the_cut = (scores[id] - cut).abs() <= 1e-4 * cut.abs().max(1.0);
             assert!(
@@ -382,5 +386,86 @@ fn command_line_numbers_are_checked_like_config_values() {
     let graphs = stdout(&o).lines().find(|l| l.starts_with("cuda graphs: ")).unwrap().to_string();
     if !tch::Cuda::is_available() {
         assert!(!graphs.contains("usable") || graphs.contains("not usable"), "{graphs}");
+    }
+}
+
+/// `n` words of the trained model's vocabulary (not `<eos>` or `<unk>`), spread over it.
+fn vocabulary_words(n: usize) -> Vec<String> {
+    let vocab = ptb_lm::checkpoint::Checkpoint::load(&trained().join("best")).unwrap().meta.vocab;
+    let words: Vec<&String> = vocab.iter().filter(|w| !w.starts_with('<')).collect();
+    (0..n).map(|i| words[i * 7919 % words.len()].clone()).collect()
+}
+
+/// `ptb-lm generate` with `args` and `input` on its standard input.
+fn generate_from_stdin(args: &[&str], input: String) -> std::process::Output {
+    use std::io::Write;
+    let best = trained().join("best");
+    let mut child = command()
+        .args(["generate", "--checkpoint", best.to_str().unwrap()])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let o = child.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    o
+}
+
+#[test]
+fn a_prompt_from_a_file_or_standard_input_gives_the_text_the_command_line_gives() {
+    let s = Sandbox::new();
+    let sampling = ["--words", "30", "--seed", "4", "--samples", "2"];
+    // 5000 words (about 40 kB, within one argument's limit), the file's in lines of 12.
+    let words = vocabulary_words(5000);
+    let flat = words.join(" ");
+    let lines: String = words.chunks(12).map(|c| c.join(" ") + "\n").collect();
+    std::fs::write(s.path("prompt.txt"), &lines).unwrap();
+    let file = s.path("prompt.txt");
+    let a = generate(&[&["--prompt", flat.as_str()][..], &sampling].concat());
+    let b = generate(&[&["--prompt-file", file.to_str().unwrap()][..], &sampling].concat());
+    let c = generate_from_stdin(&[&["--prompt-file", "-"][..], &sampling].concat(), lines);
+    for o in [&a, &b, &c] {
+        assert_success(o);
+        assert_eq!(stderr(o), "", "every prompt word is in the vocabulary");
+    }
+    assert!(stdout(&a).starts_with(&format!("{flat} ")) || stdout(&a).starts_with(&format!("{flat}\n")));
+    assert_eq!(stdout(&a), stdout(&b), "--prompt-file FILE");
+    assert_eq!(stdout(&a), stdout(&c), "--prompt-file -");
+    // 50,000 words: past what one argument may hold, read from a file or from standard input.
+    let long: String = vocabulary_words(50_000).chunks(20).map(|c| c.join(" ") + "\n").collect();
+    assert!(long.len() > 128 * 1024);
+    std::fs::write(s.path("long.txt"), &long).unwrap();
+    let long_file = s.path("long.txt");
+    let b = generate(&[&["--prompt-file", long_file.to_str().unwrap()][..], &sampling].concat());
+    let c = generate_from_stdin(&[&["--prompt-file", "-"][..], &sampling].concat(), long);
+    assert_success(&b);
+    assert_success(&c);
+    assert_eq!(stdout(&b), stdout(&c));
+    assert_eq!(stdout(&b).split("\n\n").count(), 2, "two samples");
+}
+
+#[test]
+fn reading_a_prompt_without_the_decoder_gives_the_state_and_scores_of_a_full_forward_pass() {
+    use ptb_lm::checkpoint::Checkpoint;
+    use ptb_lm::generate::{read_ids, PROMPT_PIECE};
+    use tch::{Device, Tensor};
+    let ckpt = Checkpoint::load(&trained().join("best")).unwrap();
+    let model = ckpt.model(Device::Cpu).unwrap();
+    let v = ckpt.meta.vocab.len();
+    let close = |a: &Tensor, b: &Tensor| a.allclose(b, 1e-4, 1e-5, false);
+    for n in [1, 2, PROMPT_PIECE, PROMPT_PIECE + 1, 2 * PROMPT_PIECE + 37] {
+        let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % v) as i64).collect();
+        let (logits, state) = read_ids(&model, &ids).unwrap();
+        let full = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).view([-1, 1]), &model.zero_state(1), false));
+        assert!(close(&Tensor::from_slice(&logits), &full.logits.get(-1).get(0)), "{n} words: the scores differ");
+        let (read, forward) = (state.h.iter().chain(&state.c), full.state.h.iter().chain(&full.state.c));
+        for (l, (a, b)) in read.zip(forward).enumerate() {
+            assert_eq!(a.size(), b.size());
+            assert!(close(a, b), "{n} words: state tensor {l} differs");
+        }
     }
 }
