@@ -331,16 +331,17 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         samples: args.samples,
     };
     opts.validate()?;
-    let text = match &args.prompt_file {
-        Some(file) => generate::read_prompt_file(file)?,
-        None => args.prompt,
+    let (text, source) = match &args.prompt_file {
+        Some(file) => (generate::read_prompt_file(file)?, file.display().to_string()),
+        None => (args.prompt, "--prompt".to_string()),
     };
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let model = ckpt.model(device::resolve(args.device)?)?;
     let vocab = ckpt.vocab()?;
-    let prompt = generate::read_prompt(&vocab, &text)?;
-    if !prompt.unknown.is_empty() {
-        eprintln!("warning: not in the vocabulary, read as <unk>: {}", prompt.unknown.join(", "));
+    let spelling = generate::Spelling::of(&ckpt.meta.config.data);
+    let prompt = generate::read_prompt(&vocab, &text, &spelling, &source)?;
+    if let Some(warning) = prompt.warning() {
+        eprintln!("{warning}");
     }
     generate::generate(&model, &vocab, &prompt, &opts, &mut std::io::stdout().lock())
 }

@@ -1,4 +1,6 @@
-//! Generation and what a run reports (metrics.jsonl, the PNG), on one small trained run.
+//! Generation and what a run reports (metrics.jsonl, the PNG), on one small trained run:
+//! samples are reproducible and follow the model, and prompts are spelled as the corpus was
+//! and may be of any length (from a file or standard input).
 
 mod common;
 
@@ -84,12 +86,43 @@ fn the_same_seed_gives_the_same_text_of_exactly_the_words_asked_for() {
 }
 
 #[test]
-fn unknown_prompt_words_are_read_as_unk_with_a_warning() {
-    let o = generate(&["--prompt", "the xyzzy Company 1987 qqq", "--words", "5"]);
+fn unknown_prompt_words_are_read_as_unk_with_a_warning_quoting_each() {
+    let o = generate(&["--prompt", "the xyzzy, Company 1987 qqq", "--words", "5"]);
     assert_success(&o);
     let err = stderr(&o);
-    // "Company" is found lower-cased and "1987" as N: only the two nonsense words are named.
-    assert_eq!(err.trim(), "warning: not in the vocabulary, read as <unk>: xyzzy, qqq");
+    // PTB: "Company" is found lower-cased and "1987" as N; only the two nonsense words are named.
+    assert_eq!(err.trim(), "warning: not in the vocabulary, read as <unk>: 'xyzzy,', 'qqq'");
+    assert!(stdout(&o).starts_with("the xyzzy, Company 1987 qqq"), "{}", stdout(&o));
+}
+
+#[test]
+fn outside_ptb_prompt_words_are_read_as_written_or_lower_cased_as_the_corpus_was() {
+    let s = Sandbox::new();
+    let text = std::fs::read_to_string(shakespeare_file()).unwrap();
+    let lines: String = text.lines().take(3000).flat_map(|l| [l, "\n"]).collect();
+    std::fs::write(s.path("one.txt"), lines).unwrap();
+    for (name, lowercase) in [("kept", false), ("lower", true)] {
+        let cfg = format!(
+            "[data]\nfile = \"one.txt\"\nlowercase = {lowercase}\n[model]\nwordvec_size = 16\nhidden_size = 16\n\
+             num_layers = 1\ntie_weights = true\n[train]\nbatch_size = 10\nbptt = 20\nlr = 20.0\nepochs = 1\n\
+             [run]\nout_dir = \"{name}\"\ndevice = \"cpu\"\n"
+        );
+        std::fs::write(s.path(&format!("{name}.toml")), cfg).unwrap();
+        assert_success(&s.run(&["train", "--config", &format!("{name}.toml"), "--quiet"]));
+    }
+    // The text keeps its case: "FIRST" is not "First" nor "first" (which the vocabulary has),
+    // and "1987" is no "N"; both are read as <unk> and named.
+    let vocab = ptb_lm::checkpoint::Checkpoint::load(&s.path("kept/best")).unwrap().meta.vocab;
+    assert!(vocab.iter().any(|w| w == "first") && vocab.iter().any(|w| w == "First"));
+    let o = s.run(&["generate", "--checkpoint", "kept/best", "--prompt", "FIRST Citizen: 1987", "--words", "3"]);
+    assert_success(&o);
+    assert_eq!(stderr(&o).trim(), "warning: not in the vocabulary, read as <unk>: 'FIRST', '1987'");
+    assert!(stdout(&o).starts_with("FIRST Citizen: 1987"), "{}", stdout(&o));
+    // A lower-cased corpus lower-cases the prompt, as it did the text.
+    let o = s.run(&["generate", "--checkpoint", "lower/best", "--prompt", "FIRST CITIZEN: 1987", "--words", "3"]);
+    assert_success(&o);
+    assert_eq!(stderr(&o).trim(), "warning: not in the vocabulary, read as <unk>: '1987'");
+    assert!(stdout(&o).starts_with("FIRST CITIZEN: 1987"), "{}", stdout(&o));
 }
 
 /// A copy of the trained checkpoint whose decoder adds `boost` to the score of `word`.
