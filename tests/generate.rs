@@ -1,6 +1,7 @@
 //! Generation and what a run reports (metrics.jsonl, the PNG), on one small trained run:
-//! samples are reproducible and follow the model, and prompts are spelled as the corpus was
-//! and may be of any length (from a file or standard input).
+//! samples are reproducible and follow the model, prompts are spelled as the corpus was and
+//! may be of any length (from a file or standard input), and output that cannot be written
+//! is an error.
 
 mod common;
 
@@ -501,4 +502,41 @@ fn reading_a_prompt_without_the_decoder_gives_the_state_and_scores_of_a_full_for
             assert!(close(a, b), "{n} words: state tensor {l} differs");
         }
     }
+}
+
+#[test]
+fn a_closed_or_full_stdout_is_a_one_line_error_naming_standard_output() {
+    use std::os::unix::process::CommandExt;
+    let best = trained().join("best");
+    let best = best.to_str().unwrap();
+    let commands: [&[&str]; 3] = [
+        &["info"],
+        &["eval", "--checkpoint", best, "--device", "cpu"],
+        &["generate", "--checkpoint", best, "--words", "5"],
+    ];
+    for args in commands {
+        let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
+        let o = command().args(args).stdout(full).output().unwrap();
+        assert_one_line_error(&o, &["standard output: No space left on device"]);
+        let mut closed = command();
+        // SAFETY: close(2) only, in the child between fork and exec.
+        unsafe {
+            closed.args(args).pre_exec(|| {
+                libc::close(1);
+                Ok(())
+            });
+        }
+        let o = closed.output().unwrap();
+        assert_one_line_error(&o, &["standard output: Bad file descriptor"]);
+    }
+    // A prompt to read from a closed standard input is not an empty prompt.
+    let mut closed = command();
+    // SAFETY: as above, for descriptor 0.
+    unsafe {
+        closed.args(["generate", "--checkpoint", best, "--prompt-file", "-"]).pre_exec(|| {
+            libc::close(0);
+            Ok(())
+        });
+    }
+    assert_one_line_error(&closed.output().unwrap(), &["standard input: closed"]);
 }
