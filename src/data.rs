@@ -310,6 +310,13 @@ pub struct CorpusRecord {
 }
 
 impl CorpusRecord {
+    /// Whether the corpus was a PTB directory (`ptb.{split}.txt`: lower case, numbers as `N`,
+    /// rare words already `<unk>`).
+    pub fn is_ptb(&self) -> bool {
+        self.data.dir.is_some()
+            && self.files.iter().any(|f| f.role == "train" && f.path.file_name().is_some_and(|n| n == "ptb.train.txt"))
+    }
+
     /// The record's fingerprint of the file holding `split`'s text, if any.
     pub fn file_of(&self, split: Split) -> Option<&FileRecord> {
         self.files.iter().find(|f| f.role == split.name() || f.role == ALL_ROLE)

@@ -1,6 +1,12 @@
 //! Text generation: the stateful model reads the prompt, then samples one word at a time,
 //! feeding each back in (the book's `RnnlmGen.generate`, with temperature and top-k).
 //!
+//! The prompt is spelled as the checkpoint's corpus was ([`Spelling`]): lower-cased where the
+//! corpus was (`data.lowercase`), PTB's conventions (lower case, numbers as `N`) only for PTB,
+//! and a word the vocabulary lacks is read as `<unk>` and named in a warning. The model reads
+//! it without its decoder ([`LstmLm::read`], a piece at a time), so a prompt of any length
+//! costs the memory of one piece; only its last word is scored.
+//!
 //! The next word is drawn from [`next_word_distribution`]: softmax(logits / T) over the
 //! allowed words (all but `<unk>` unless allowed), restricted to the k likeliest with top-k
 //! and renormalised; computed in f64 on a copy, so the model's logits are never changed and
@@ -8,12 +14,14 @@
 //! seeded per sample, so `--seed` gives the same text everywhere. Words are written as they
 //! are drawn.
 
-use crate::data::{Vocab, EOS, UNK};
+use crate::config::{DataConfig, DEFAULT_DATA_DIR};
+use crate::data::{Layout, Vocab, EOS, UNK};
 use crate::model::{LstmLm, State};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Temperatures allowed besides 0: outside, the scaled logits over- or underflow into a
@@ -54,42 +62,116 @@ impl GenerateOptions {
     }
 }
 
+/// How the corpus a checkpoint learned from spelled its words; a prompt is read the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spelling {
+    /// The corpus was lower-cased (`data.lowercase`), and so is the prompt, as
+    /// [`crate::data::normalise`] lower-cases the corpus.
+    pub lowercase: bool,
+    /// PTB (a directory of `ptb.{split}.txt`), whose text is lower-case with every number
+    /// written `N`: a prompt word missing as written is looked up lower-cased, then a number
+    /// as `N`. Elsewhere a word is looked up as written only.
+    pub ptb: bool,
+    /// Where the corpus directory is not here, so whether it is PTB cannot be told: a note
+    /// for the warning about unknown words (they were looked up as written only).
+    pub undetermined: Option<String>,
+}
+
+impl Spelling {
+    /// The spelling of a checkpoint's corpus: told by its record of the files it was trained
+    /// on where it has one (the corpus need not be here), else by looking at the corpus.
+    pub fn of_checkpoint(meta: &crate::checkpoint::Meta) -> Spelling {
+        match &meta.corpus {
+            Some(record) => {
+                Spelling { lowercase: meta.config.data.lowercase, ptb: record.is_ptb(), undetermined: None }
+            }
+            None => Spelling::of(&meta.config.data),
+        }
+    }
+
+    /// The spelling of the corpus `data` (a checkpoint's `data` config) describes.
+    pub fn of(data: &DataConfig) -> Spelling {
+        let (ptb, undetermined) = match Layout::of(data) {
+            Ok(layout) => (matches!(layout, Layout::Dir { pattern, .. } if pattern.starts_with("ptb.")), None),
+            Err(_) => {
+                let dir = data.dir.as_deref().unwrap_or(Path::new(DEFAULT_DATA_DIR));
+                let note = format!(
+                    "the training corpus at {} is not here to tell whether it is PTB, so PTB's spelling (lower \
+                     case, N for numbers) was not applied",
+                    dir.display()
+                );
+                (false, Some(note))
+            }
+        };
+        Spelling { lowercase: data.lowercase, ptb, undetermined }
+    }
+}
+
 /// A prompt read into word ids.
+#[derive(Debug)]
 pub struct Prompt {
     ids: Vec<i64>,
     /// The prompt's words as the user wrote them.
     shown: Vec<String>,
     /// Prompt words that are not in the vocabulary (they are read as `<unk>`).
     pub unknown: Vec<String>,
+    /// Why unknown words may be spelled otherwise in the corpus (see [`Spelling`]).
+    note: Option<String>,
 }
 
-/// Maps one prompt word to an id: as written, else lower-cased, else a number becomes PTB's
-/// `N`; otherwise `<unk>` (and the word is reported).
-pub fn lookup(vocab: &Vocab, word: &str) -> Option<i64> {
-    vocab.id(word).or_else(|| vocab.id(&word.to_lowercase())).or_else(|| {
+impl Prompt {
+    /// The word ids the model reads (`<eos>` alone for an empty prompt).
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+
+    /// The one-line warning naming the words read as `<unk>`, each quoted, if any.
+    pub fn warning(&self) -> Option<String> {
+        if self.unknown.is_empty() {
+            return None;
+        }
+        let words: Vec<String> = self.unknown.iter().map(|w| format!("'{w}'")).collect();
+        let note = self.note.as_ref().map(|n| format!("; {n}")).unwrap_or_default();
+        Some(format!("warning: not in the vocabulary, read as {UNK}: {}{note}", words.join(", ")))
+    }
+}
+
+/// Maps one prompt word, lower-cased already where the corpus was, to an id: as written;
+/// on PTB, else lower-cased, else a number as PTB's `N`. None: not in the vocabulary.
+pub fn lookup(vocab: &Vocab, word: &str, spelling: &Spelling) -> Option<i64> {
+    vocab.id(word).or_else(|| {
+        if !spelling.ptb {
+            return None;
+        }
         let numeric = word.chars().any(|c| c.is_ascii_digit())
             && word.chars().all(|c| c.is_ascii_digit() || ",.-/:%".contains(c));
-        if numeric {
-            vocab.id("N")
-        } else {
-            None
-        }
+        vocab.id(&word.to_lowercase()).or_else(|| if numeric { vocab.id("N") } else { None })
     })
 }
 
-/// Reads `prompt`; an empty prompt starts a new sentence (the model reads `<eos>`).
-pub fn read_prompt(vocab: &Vocab, prompt: &str) -> Result<Prompt> {
+/// Reads `prompt` (words separated by any whitespace, line breaks included) as the corpus
+/// `spelling` describes; an empty prompt starts a new sentence (the model reads `<eos>`).
+/// `source` (the flag or file it came from) names it in errors.
+pub fn read_prompt(vocab: &Vocab, prompt: &str, spelling: &Spelling, source: &str) -> Result<Prompt> {
     let eos = vocab.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
     let unk = vocab.id(UNK);
-    let mut p = Prompt { ids: Vec::new(), shown: Vec::new(), unknown: Vec::new() };
+    let note = spelling.undetermined.clone();
+    let mut p = Prompt { ids: Vec::new(), shown: Vec::new(), unknown: Vec::new(), note };
     for w in prompt.split_whitespace() {
-        match (lookup(vocab, w), unk) {
+        let spelled = if spelling.lowercase { w.to_lowercase() } else { w.to_string() };
+        match (lookup(vocab, &spelled, spelling), unk) {
             (Some(id), _) => p.ids.push(id),
             (None, Some(u)) => {
                 p.ids.push(u);
                 p.unknown.push(w.to_string());
             }
-            (None, None) => bail!("prompt word '{w}' is not in the vocabulary, which has no {UNK}"),
+            (None, None) => {
+                let note = p.note.as_ref().map(|n| format!("; {n}")).unwrap_or_default();
+                bail!(
+                    "{source}: the word '{w}' is not in the checkpoint's vocabulary, which has no {UNK} to read \
+                     it as{note}; leave it out or spell it as the training text does"
+                )
+            }
         }
         p.shown.push(w.to_string());
     }
@@ -97,6 +179,54 @@ pub fn read_prompt(vocab: &Vocab, prompt: &str) -> Result<Prompt> {
         p.ids.push(eos);
     }
     Ok(p)
+}
+
+/// The text of `--prompt-file`: the file `path`, or standard input for `-`; UTF-8, a leading
+/// byte-order mark dropped. Errors name the file (or standard input).
+pub fn read_prompt_file(path: &Path) -> Result<String> {
+    let stdin = path.as_os_str() == "-";
+    let name = if stdin { "standard input".to_string() } else { path.display().to_string() };
+    let mut bytes = Vec::new();
+    let read = if stdin {
+        std::io::stdin().lock().read_to_end(&mut bytes).map(|_| ())
+    } else {
+        std::fs::read(path).map(|b| bytes = b)
+    };
+    read.map_err(|e| {
+        anyhow::anyhow!("{name}: cannot read the prompt ({e}); give a readable file, or - for standard input")
+    })?;
+    let mut text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{name}: not UTF-8 text (invalid byte at offset {}); save the prompt as UTF-8",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
+/// Prompt words read per call of [`LstmLm::read`]: a long prompt is read in pieces, the
+/// state carried from one to the next, so it takes the memory of one piece.
+pub const PROMPT_PIECE: usize = 1024;
+
+/// The model's next-word logits (floats, on the CPU) and its state after reading `ids` from
+/// a zero state: every word but the last goes through the embedding and LSTM alone
+/// ([`LstmLm::read`], [`PROMPT_PIECE`] at a time), the last through the whole model. The
+/// same numbers, up to rounding, as one [`LstmLm::forward`] over `ids`, without its logits at
+/// every position (V floats per word).
+pub fn read_ids(model: &LstmLm, ids: &[i64]) -> Result<(Vec<f32>, State)> {
+    let (last, prefix) = ids.split_last().context("the model has no word to read")?;
+    let device = model.device();
+    tch::no_grad(|| {
+        let mut state = model.zero_state(1);
+        for piece in prefix.chunks(PROMPT_PIECE) {
+            state = model.read(&Tensor::from_slice(piece).view([-1, 1]).to_device(device), &state);
+        }
+        let f = model.forward(&Tensor::from_slice(&[*last]).view([1, 1]).to_device(device), &state, false);
+        Ok((last_logits(&f.logits)?, f.state))
+    })
 }
 
 /// The distribution the next word is drawn from, as (word id, probability) pairs summing to
@@ -176,12 +306,7 @@ pub fn generate(
     let eos = vocab.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
     let banned = if opts.allow_unk { None } else { vocab.id(UNK) };
     let device = model.device();
-    let (prompt_logits, prompt_state) = tch::no_grad(|| {
-        let x = Tensor::from_slice(&prompt.ids).view([-1, 1]).to_device(device);
-        let f = model.forward(&x, &model.zero_state(1), false);
-        (last_logits(&f.logits), f.state)
-    });
-    let prompt_logits = prompt_logits?;
+    let (prompt_logits, prompt_state) = read_ids(model, &prompt.ids)?;
     for s in 0..opts.samples {
         if s > 0 {
             out.write_all(b"\n\n")?;
@@ -223,6 +348,89 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vocab(unk: bool) -> Vocab {
+        let mut words = vec!["first", "First", "N", "said", EOS];
+        if unk {
+            words.push(UNK);
+        }
+        Vocab::from_words(words.into_iter().map(String::from).collect()).unwrap()
+    }
+
+    fn ids_of(v: &Vocab, words: &[&str]) -> Vec<i64> {
+        words.iter().map(|w| v.id(w).unwrap()).collect()
+    }
+
+    #[test]
+    fn outside_ptb_a_prompt_word_is_read_as_written_or_as_unk_with_a_warning() {
+        let v = vocab(true);
+        let p = read_prompt(&v, "FIRST said 1987 First", &Spelling::default(), "--prompt").unwrap();
+        assert_eq!(p.ids(), ids_of(&v, &[UNK, "said", UNK, "First"]));
+        assert_eq!(p.warning().unwrap(), "warning: not in the vocabulary, read as <unk>: 'FIRST', '1987'");
+    }
+
+    #[test]
+    fn on_ptb_a_missing_word_is_found_lower_cased_and_a_number_as_n() {
+        let v = vocab(true);
+        let ptb = Spelling { ptb: true, ..Spelling::default() };
+        let p = read_prompt(&v, "FIRST said 1,987.5 First", &ptb, "--prompt").unwrap();
+        assert_eq!(p.ids(), ids_of(&v, &["first", "said", "N", "First"]));
+        assert_eq!(p.warning(), None);
+    }
+
+    #[test]
+    fn a_lower_cased_corpus_lower_cases_the_prompt() {
+        let v = vocab(true);
+        let lower = Spelling { lowercase: true, ..Spelling::default() };
+        let p = read_prompt(&v, "FIRST First SAID 1987", &lower, "--prompt").unwrap();
+        assert_eq!(p.ids(), ids_of(&v, &["first", "first", "said", UNK]));
+        // Shown as written.
+        assert_eq!(p.shown, ["FIRST", "First", "SAID", "1987"]);
+    }
+
+    #[test]
+    fn the_warning_quotes_each_word_and_says_when_the_corpus_could_not_be_told() {
+        let v = vocab(true);
+        let p = read_prompt(&v, "Xyzzy, frobnicate\nsaid", &Spelling::default(), "--prompt").unwrap();
+        assert_eq!(p.warning().unwrap(), "warning: not in the vocabulary, read as <unk>: 'Xyzzy,', 'frobnicate'");
+        let unsure = Spelling::of(&DataConfig { dir: Some("/nonexistent/ptb".into()), ..DataConfig::default() });
+        assert!(!unsure.ptb);
+        let p = read_prompt(&v, "Said", &unsure, "--prompt").unwrap();
+        let w = p.warning().unwrap();
+        assert!(w.starts_with("warning: not in the vocabulary, read as <unk>: 'Said'; the training corpus at"), "{w}");
+        assert!(w.contains("/nonexistent/ptb") && !w.contains('\n'), "{w}");
+    }
+
+    #[test]
+    fn a_word_that_cannot_be_read_is_an_error_naming_it_and_its_source() {
+        let err = read_prompt(&vocab(false), "said FIRST", &Spelling::default(), "prompt.txt").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("prompt.txt: the word 'FIRST' is not in the checkpoint's vocabulary"), "{msg}");
+        assert!(msg.contains("which has no <unk>") && !msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn only_a_directory_of_ptb_files_has_ptbs_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ptb, plain) = (dir.path().join("ptb"), dir.path().join("plain"));
+        for (d, name) in [(&ptb, "ptb.train.txt"), (&plain, "train.txt")] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join(name), "a b\n").unwrap();
+        }
+        let of = |data: DataConfig| Spelling::of(&data);
+        assert_eq!(
+            of(DataConfig { dir: Some(ptb.clone()), ..DataConfig::default() }),
+            Spelling { ptb: true, ..Spelling::default() }
+        );
+        assert_eq!(of(DataConfig { dir: Some(plain), ..DataConfig::default() }), Spelling::default());
+        // Three files named like PTB's are not a PTB directory (as for the corpus's own checks).
+        let t = ptb.join("ptb.train.txt");
+        let files =
+            of(DataConfig { train: Some(t.clone()), valid: Some(t.clone()), test: Some(t), ..DataConfig::default() });
+        assert_eq!(files, Spelling::default());
+        let single = of(DataConfig { file: Some("any.txt".into()), lowercase: true, ..DataConfig::default() });
+        assert_eq!(single, Spelling { lowercase: true, ..Spelling::default() });
+    }
 
     #[test]
     fn the_distribution_is_the_tempered_softmax_over_allowed_words() {

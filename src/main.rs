@@ -1,11 +1,15 @@
-//! The `ptb-lm` command line: parses arguments and dispatches to the library.
+//! The `ptb-lm` command line: parses arguments and dispatches to the library. What `eval`,
+//! `generate` and `info` print goes to standard output through one checked writer: a closed
+//! or full stdout is an error naming it, not a silent success.
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use ptb_lm::config::{Config, DeviceChoice};
 use ptb_lm::{checkpoint::Checkpoint, device, eval, generate, interrupt, train};
+use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Parser)]
 #[command(name = "ptb-lm", version, about = "Word-level LSTM language models on the Penn Treebank")]
@@ -170,6 +174,10 @@ struct GenerateArgs {
     /// Words the model reads before sampling (empty: start a new sentence)
     #[arg(long, default_value = "")]
     prompt: String,
+    /// Read the prompt from FILE instead (`-`: standard input), for prompts too long for the
+    /// command line: words separated by any whitespace, line breaks included, as in --prompt
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+    prompt_file: Option<PathBuf>,
     /// Words to generate per sample
     #[arg(long, default_value_t = 100)]
     words: usize,
@@ -243,10 +251,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
-        Command::Info => {
-            print_info();
-            Ok(())
-        }
+        Command::Info => print_info(),
     }
 }
 
@@ -314,22 +319,25 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     });
     let place = eval::CorpusPlace { dir: args.data_dir, file: args.data_file };
     let r = eval::run(&args.checkpoint, &target, &place, args.device, args.batch_size, dynamic.as_ref())?;
+    let mut out = stdout();
     if !r.search.is_empty() {
-        println!("validation perplexity, dynamic, first {} tokens:", r.search_tokens);
-        println!("{:>10} {:>8} {:>12}", "lr", "decay", "perplexity");
+        writeln!(out, "validation perplexity, dynamic, first {} tokens:", r.search_tokens)?;
+        writeln!(out, "{:>10} {:>8} {:>12}", "lr", "decay", "perplexity")?;
         for (s, ppl) in &r.search {
-            println!("{:>10.1e} {:>8} {:>12.4}", s.lr, s.decay, ppl);
+            writeln!(out, "{:>10.1e} {:>8} {:>12.4}", s.lr, s.decay, ppl)?;
         }
     }
     let notes: String = r.notes.iter().map(|n| format!("; {n}")).collect();
-    println!(
+    writeln!(
+        out,
         "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s{notes})",
         r.name,
         r.ppl,
         r.tokens,
         r.seconds,
         r.tokens as f64 / r.seconds.max(1e-9)
-    );
+    )?;
+    out.flush()?;
     Ok(())
 }
 
@@ -344,32 +352,112 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         samples: args.samples,
     };
     opts.validate()?;
+    let (text, source) = match &args.prompt_file {
+        Some(file) if file.as_os_str() == "-" && closed_at_start(0) => {
+            anyhow::bail!("standard input: closed; give --prompt-file - a prompt to read, or name a file")
+        }
+        Some(file) => (generate::read_prompt_file(file)?, file.display().to_string()),
+        None => (args.prompt, "--prompt".to_string()),
+    };
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let model = ckpt.model(device::resolve(args.device)?)?;
     let vocab = ckpt.vocab()?;
-    let prompt = generate::read_prompt(&vocab, &args.prompt)?;
-    if !prompt.unknown.is_empty() {
-        eprintln!("warning: not in the vocabulary, read as <unk>: {}", prompt.unknown.join(", "));
+    let spelling = generate::Spelling::of_checkpoint(&ckpt.meta);
+    let prompt = generate::read_prompt(&vocab, &text, &spelling, &source)?;
+    if let Some(warning) = prompt.warning() {
+        eprintln!("{warning}");
     }
-    generate::generate(&model, &vocab, &prompt, &opts, &mut std::io::stdout().lock())
+    let mut out = stdout();
+    generate::generate(&model, &vocab, &prompt, &opts, &mut out)?;
+    out.flush()?;
+    Ok(())
 }
 
-fn print_info() {
-    println!("ptb-lm {} (tch 0.24, libtorch 2.11.0)", env!("CARGO_PKG_VERSION"));
-    println!("cuda available: {}", tch::Cuda::is_available());
-    println!("cuda devices: {}", tch::Cuda::device_count());
-    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+fn print_info() -> Result<()> {
+    let mut out = stdout();
+    writeln!(out, "ptb-lm {} (tch 0.24, libtorch 2.11.0)", env!("CARGO_PKG_VERSION"))?;
+    writeln!(out, "cuda available: {}", tch::Cuda::is_available())?;
+    writeln!(out, "cuda devices: {}", tch::Cuda::device_count())?;
+    writeln!(out, "cudnn available: {}", tch::Cuda::cudnn_is_available())?;
     let graphs = match (ptb_lm::cuda::available(), tch::Cuda::is_available()) {
         (true, true) => "usable",
         (true, false) => "built in, but not usable here (no GPU)",
         (false, _) => "not built into this ptb-lm",
     };
-    println!("cuda graphs: {graphs}");
-    println!(
+    writeln!(out, "cuda graphs: {graphs}")?;
+    writeln!(
+        out,
         "multi-process training: {}",
         if ptb_lm::dist::available() { "Gloo (CPU)" } else { "not built (install libgloo-dev and build again)" }
-    );
-    println!("cpu threads: {}", tch::get_num_threads());
+    )?;
+    writeln!(out, "cpu threads: {}", tch::get_num_threads())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Standard streams closed when the process started (bit `fd` set for fd 0 and 1), seen
+/// before Rust's runtime puts /dev/null in their place, which would make a closed stdout
+/// swallow the output without an error.
+static CLOSED_AT_START: AtomicU8 = AtomicU8::new(0);
+
+/// Runs before `main` and before Rust's runtime (an ELF constructor), to see the streams as
+/// the caller left them.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static RECORD_CLOSED_STREAMS: extern "C" fn() = record_closed_streams;
+
+#[cfg(target_os = "linux")]
+extern "C" fn record_closed_streams() {
+    let mut closed = 0;
+    for fd in 0..2 {
+        // SAFETY: F_GETFD only queries the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            closed |= 1 << fd;
+        }
+    }
+    CLOSED_AT_START.store(closed, Ordering::Relaxed);
+}
+
+fn closed_at_start(fd: i32) -> bool {
+    CLOSED_AT_START.load(Ordering::Relaxed) & (1 << fd) != 0
+}
+
+/// Standard output for what `eval`, `generate` and `info` print: descriptor 1 written
+/// directly, every error naming it (`standard output: No space left on device (os error
+/// 28)`), and a closed one an error too. A broken pipe still ends the process quietly by
+/// SIGPIPE. Buffered: flush it, and check.
+fn stdout() -> BufWriter<Stdout> {
+    BufWriter::new(Stdout)
+}
+
+struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("standard output: {e}"));
+        if closed_at_start(1) {
+            return Err(named(io::Error::from_raw_os_error(libc::EBADF)));
+        }
+        loop {
+            // SAFETY: writes `buf`, valid for its length, to descriptor 1; nothing is owned.
+            let n = unsafe { libc::write(1, buf.as_ptr().cast(), buf.len()) };
+            match n {
+                0 if !buf.is_empty() => return Err(named(io::ErrorKind::WriteZero.into())),
+                n if n >= 0 => return Ok(n as usize),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(named(e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Last line of defence: a panic (e.g. tch's plain methods on a libtorch error that no check

@@ -176,7 +176,9 @@ fn a_diverged_dynamic_evaluation_is_an_error_never_a_number() {
     assert_success(&o);
     let out = stdout(&o);
     assert!(out.contains("this is static evaluation") && !out.contains("worse"), "{out}");
-    assert_eq!(number_after(&out, "perplexity: "), number_after(&out, "static, one stream: "));
+    // Equal up to the printed precision (the two passes sum their losses apart).
+    let (dynamic, fixed) = (number_after(&out, "perplexity: "), number_after(&out, "static, one stream: "));
+    assert!((dynamic - fixed).abs() / fixed < 1e-6, "{out}");
 }
 
 #[test]

@@ -141,7 +141,13 @@ fn a_non_finite_loss_restores_the_last_good_weights_and_divides_lr() {
     assert_success(&o);
     let err = stderr(&o);
     assert!(err.contains("warning: training diverged in epoch 1, batch"), "{err}");
-    assert!(err.contains("(loss not finite): went back to batch"), "{err}");
+    // A check that falls right after the poisoned step sees the weights before any loss: which
+    // comes first depends on the processor's speed (checks are timed).
+    assert!(
+        err.contains("(loss not finite): went back to batch")
+            || err.contains("(weights not finite): went back to batch"),
+        "{err}"
+    );
     assert!(err.contains("divided lr by 4 (now 5); 1 of 3 restarts used"), "{err}");
     assert_finite_weights(&s.path("run/best"));
     assert_finite_weights(&s.path("run/last"));
@@ -187,7 +193,8 @@ fn a_diverging_run_stops_with_a_clear_error_and_resumes_from_its_last_sound_stat
         &o,
         &[
             "training diverged in epoch 1, batch",
-            "(loss not finite), 3 times (train.max_nan_restarts = 2)",
+            // (loss not finite) or (weights not finite), as the timed checks fall.
+            "not finite), 3 times (train.max_nan_restarts = 2)",
             "the last sound weights, with lr lowered to 0.3125, are in",
             "--resume",
             "--set train.max_nan_restarts=5",

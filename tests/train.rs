@@ -41,9 +41,10 @@ fn perplexity_falls_far_below_the_untrained_model_and_reloads_exactly() {
     let out = stdout(&o);
     let printed: f64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!((printed - saved).abs() / saved < 1e-4, "eval printed {printed}, saved {saved}");
-    // And the library gives the same number from the loaded weights.
+    // And the library gives the same number from the loaded weights, to float32 rounding:
+    // this process computes with its own thread count, the training process with one.
     let again = perplexity(&ckpt.model(Device::Cpu).unwrap(), &valid);
-    assert!((again - saved).abs() / saved < 1e-9, "{again} vs {saved}");
+    assert!((again - saved).abs() / saved < 1e-5, "{again} vs {saved}");
 
     // Test perplexity of best/ is in the summary and on stdout.
     let summary: serde_json::Value =
