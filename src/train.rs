@@ -535,7 +535,9 @@ impl Session {
             while self.pos.epoch < epochs {
                 self.train_epoch(stop)?;
                 self.end_epoch()?;
-                if self.stopping(stop) && self.pos.epoch < epochs {
+                // Every rank stops after the same epoch, wherever the signal found each.
+                let (_, stopping) = self.agree(0.0, self.stopping(stop))?;
+                if stopping && self.pos.epoch < epochs {
                     return Err(self.interrupted(false).into());
                 }
                 if self.stop_after.is_some_and(|n| self.epoch_walls.len() >= n) && self.pos.epoch < epochs {
@@ -544,11 +546,12 @@ impl Session {
             }
         }
         self.reporter.finish();
-        if self.stopping(stop) {
-            return Err(self.interrupted(true).into());
-        }
+        // Past the last collective, rank 0 alone decides how the run ends.
         if !self.leads() {
             return Ok(Outcome::Worker);
+        }
+        if self.stopping(stop) {
+            return Err(self.interrupted(true).into());
         }
         failpoint::pause("test");
         self.finish().map(Outcome::Finished)
