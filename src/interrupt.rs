@@ -6,7 +6,8 @@
 //!   after its current step), the first signal sets the flag and the loop stops at its next
 //!   step; a second signal ends the process at once;
 //! * anywhere else (setting up, the final test evaluation, `eval`, `generate`), a signal ends
-//!   the process at once: nothing is half-done there that a checkpoint could keep;
+//!   the process at once: nothing is half-done there that a checkpoint could keep (a [`Note`]
+//!   then says what the cut left and how to go on);
 //! * in the `--nproc` launcher ([`Forwarding`]), a signal ends nothing: it is counted, and the
 //!   launcher passes it on to its ranks (the first) or kills them (the second).
 //!
@@ -19,12 +20,14 @@
 
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static GRACEFUL: AtomicBool = AtomicBool::new(false);
 static FORWARDING: AtomicBool = AtomicBool::new(false);
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 static SILENT: AtomicBool = AtomicBool::new(false);
+static NOTE: Mutex<Option<String>> = Mutex::new(None);
 
 /// The exit code of a process stopped by a signal (128 + SIGINT), as shells report it.
 pub const EXIT_CODE: i32 = 130;
@@ -62,7 +65,11 @@ fn on_signal() {
     }
     let second = STOP.swap(true, Ordering::SeqCst);
     if second || !GRACEFUL.load(Ordering::SeqCst) {
-        say("\nstopping now");
+        let note = NOTE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        say(&match note {
+            Some(note) => format!("\nstopping now\n{note}"),
+            None => "\nstopping now".to_string(),
+        });
         quit_now();
     }
     say("\nstopping after this step to save a resumable checkpoint (again to quit at once)");
@@ -93,6 +100,23 @@ impl Graceful {
 impl Drop for Graceful {
     fn drop(&mut self) {
         GRACEFUL.store(false, Ordering::SeqCst);
+    }
+}
+
+/// While alive, a signal that ends the process at once also prints this note (what the cut
+/// leaves, and how to go on).
+pub struct Note(());
+
+impl Note {
+    pub fn enter(note: String) -> Note {
+        *NOTE.lock().unwrap_or_else(|e| e.into_inner()) = Some(note);
+        Note(())
+    }
+}
+
+impl Drop for Note {
+    fn drop(&mut self) {
+        *NOTE.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
