@@ -155,11 +155,22 @@ impl Drop for Group {
 
 /// `ptb-lm train --nproc N`: starts N ranks of this program on this machine (with `args`, the
 /// command line less `--nproc`), with the launcher's environment variables and a free port,
-/// and waits for them. Rank 0 writes to stdout; every rank's errors reach stderr. A rank that
-/// fails takes the others down (SIGTERM). Returns the exit code to end with.
+/// and waits for them. Rank 0 writes to stdout; every rank's errors reach stderr. Returns the
+/// exit code to end with: 0 when every rank ended with 0, the code of a rank that failed, or
+/// [`crate::interrupt::EXIT_CODE`] when the group was stopped.
+///
+/// Signals, as torchrun handles them: each rank runs in a process group of its own, so a
+/// terminal's Ctrl-C reaches this launcher alone (not the ranks too, which would then count
+/// the launcher's copy as a second signal and quit without saving). The first SIGINT/SIGTERM
+/// here is passed on to every rank, once, as SIGINT: the group stops together with a
+/// resumable `last/` (or at once, in set-up or the final test evaluation, as one process
+/// does). A second one kills every rank (SIGKILL) and ends the launcher. A rank that fails
+/// takes the others down (SIGTERM); one that stopped on a signal does not (its group agrees
+/// on stopping, and rank 0 may still be saving).
 pub fn launch_local(n: usize, args: &[std::ffi::OsString]) -> Result<i32> {
-    use std::os::unix::process::ExitStatusExt;
-    use std::process::{Command, Stdio};
+    use crate::interrupt::EXIT_CODE;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::{Child, Command, Stdio};
     if !available() {
         bail!("--nproc: {INSTALL_HINT}");
     }
@@ -168,9 +179,18 @@ pub fn launch_local(n: usize, args: &[std::ffi::OsString]) -> Result<i32> {
         .context("--nproc: no free local port for the rendezvous")?
         .port();
     let exe = std::env::current_exe().context("--nproc: cannot find this program")?;
-    // Ctrl-C reaches every rank from the terminal; this process waits for them to save.
-    let _graceful = crate::interrupt::Graceful::enter();
-    let mut children = Vec::new();
+    // Sends `sig` to every rank that has not ended yet (a rank ended but not yet waited for
+    // keeps its pid, so no other process is hit).
+    fn signal_running(children: &[Child], done: &[Option<i32>], sig: i32) {
+        for (child, d) in children.iter().zip(done) {
+            if d.is_none() {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(child.id() as i32, sig) };
+            }
+        }
+    }
+    let signals = crate::interrupt::Forwarding::enter();
+    let mut children: Vec<Child> = Vec::new();
     for rank in 0..n {
         let mut c = Command::new(&exe);
         c.args(args)
@@ -178,34 +198,56 @@ pub fn launch_local(n: usize, args: &[std::ffi::OsString]) -> Result<i32> {
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string());
+            .env("MASTER_PORT", port.to_string())
+            .process_group(0)
+            // Out of the terminal's foreground group, a rank must not read it.
+            .stdin(Stdio::null());
         if rank > 0 {
             c.stdout(Stdio::null());
         }
-        children.push(c.spawn().with_context(|| format!("--nproc: cannot start rank {rank}"))?);
+        match c.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                // No rank is left behind, waiting for the one that did not start.
+                signal_running(&children, &vec![None; children.len()], libc::SIGKILL);
+                for child in &mut children {
+                    let _ = child.wait();
+                }
+                return Err(e).with_context(|| format!("--nproc: cannot start rank {rank}"));
+            }
+        }
     }
     let code = |s: std::process::ExitStatus| s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
     let mut done: Vec<Option<i32>> = vec![None; n];
+    let mut forwarded = false;
+    let mut failed = None;
     loop {
         for (rank, child) in children.iter_mut().enumerate() {
             if done[rank].is_none() {
                 done[rank] = child.try_wait()?.map(code);
             }
         }
-        if let Some(failed) = done.iter().flatten().copied().find(|&c| c != 0) {
-            for (rank, child) in children.iter_mut().enumerate() {
-                if done[rank].is_none() {
-                    // SAFETY: kill(2) on our own child.
-                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-                }
-            }
+        let received = signals.signals();
+        if received >= 2 {
+            signal_running(&children, &done, libc::SIGKILL);
             for child in &mut children {
                 let _ = child.wait();
             }
-            return Ok(failed);
+            return Ok(EXIT_CODE);
         }
-        if done.iter().all(|d| *d == Some(0)) {
-            return Ok(0);
+        if received == 1 && !forwarded {
+            forwarded = true;
+            signal_running(&children, &done, libc::SIGINT);
+        }
+        if failed.is_none() && !forwarded {
+            failed = done.iter().flatten().copied().find(|&c| c != 0 && c != EXIT_CODE);
+            if failed.is_some() {
+                signal_running(&children, &done, libc::SIGTERM);
+            }
+        }
+        if done.iter().all(Option::is_some) {
+            let stopped = if done.iter().all(|&d| d == Some(0)) { 0 } else { EXIT_CODE };
+            return Ok(failed.unwrap_or(stopped));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -5,7 +5,9 @@
 //!
 //! Around it: a resumable `last/` checkpoint after every epoch and on Ctrl-C/SIGTERM,
 //! per-step seeds derived from (seed, epoch, batch) so an interrupted and resumed run
-//! computes exactly what an uninterrupted one does, and recovery from non-finite losses.
+//! computes exactly what an uninterrupted one does, and recovery from non-finite losses. A run
+//! cut in its final test evaluation has every epoch saved: resuming it scores the test split
+//! and writes `summary.json`.
 
 use crate::checkpoint::{self, Checkpoint, Meta, Resume};
 use crate::config::Config;
@@ -164,17 +166,20 @@ pub struct Interrupted {
     pub reason: &'static str,
 }
 
+/// What a run stopped after its last epoch keeps, and how to finish it.
+fn left_to_test(run_dir: &Path) -> String {
+    let run = run_dir.display();
+    format!(
+        "every epoch is saved in {run}; continue with: ptb-lm train --resume {run} to score the test split \
+         with best/ and write summary.json"
+    )
+}
+
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let run = self.run_dir.display();
         if self.finished {
-            return write!(
-                f,
-                "{} before the test evaluation; every epoch is saved in {run}; measure it with: \
-                 ptb-lm eval --checkpoint {}",
-                self.reason,
-                self.run_dir.join("best").display()
-            );
+            return write!(f, "{} before the test evaluation; {}", self.reason, left_to_test(&self.run_dir));
         }
         write!(
             f,
@@ -278,7 +283,9 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
         bail!("{}: this checkpoint is not resumable (no training position)", last.display());
     };
     let mut cfg = resumed_config(&ckpt.meta.config, overrides, run_dir)?;
-    if position.epoch >= cfg.train.epochs {
+    // Every epoch trained but no summary of them: the final test evaluation was cut short, and
+    // the session below goes straight to it.
+    if position.epoch > cfg.train.epochs || (position.epoch == cfg.train.epochs && summarised(&run, position.epoch)) {
         bail!(
             "{}: the run already finished {} epochs (train.epochs = {}); train further with --epochs N, N > {}",
             run_dir.display(),
@@ -304,6 +311,15 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
         run.write_config(&cfg)?;
     }
     Session::new(cfg, corpus, splits, model, device, run, opts, Some(ckpt), group)?.run(stop)
+}
+
+/// Whether `summary.json` holds the test result of the run's first `epochs` epochs (not one
+/// from before the run was trained further, nor a half-written one).
+fn summarised(run: &RunDir, epochs: usize) -> bool {
+    let Ok(text) = std::fs::read_to_string(run.summary()) else { return false };
+    let Ok(summary) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    let last = summary["epochs"].as_array().and_then(|e| e.last()).and_then(|r| r["epoch"].as_u64());
+    last == Some(epochs as u64)
 }
 
 /// The saved config with `overrides` applied, refused when they change what is computed.
@@ -549,7 +565,9 @@ impl Session {
             while self.pos.epoch < epochs {
                 self.train_epoch(stop)?;
                 self.end_epoch()?;
-                if self.stopping(stop) && self.pos.epoch < epochs {
+                // Every rank stops after the same epoch, wherever the signal found each.
+                let (_, stopping) = self.agree(0.0, self.stopping(stop))?;
+                if stopping && self.pos.epoch < epochs {
                     return Err(self.interrupted(false).into());
                 }
                 if self.stop_after.is_some_and(|n| self.epoch_walls.len() >= n) && self.pos.epoch < epochs {
@@ -558,12 +576,15 @@ impl Session {
             }
         }
         self.reporter.finish();
-        if self.stopping(stop) {
-            return Err(self.interrupted(true).into());
-        }
+        // Past the last collective, rank 0 alone decides how the run ends.
         if !self.leads() {
             return Ok(Outcome::Worker);
         }
+        if self.stopping(stop) {
+            return Err(self.interrupted(true).into());
+        }
+        let _note =
+            interrupt::Note::enter(format!("interrupted in the test evaluation; {}", left_to_test(&self.run.root)));
         failpoint::pause("test");
         self.finish().map(Outcome::Finished)
     }
@@ -596,6 +617,13 @@ impl Session {
                 self.cfg.train.bptt,
                 if how.is_empty() { "" } else { ", " },
                 how
+            ));
+        } else if self.pos.epoch >= self.cfg.train.epochs {
+            self.reporter.line(&format!(
+                "resuming {} after its last epoch ({} of {}): scoring the test split with best/",
+                self.run.root.display(),
+                self.pos.epoch,
+                self.cfg.train.epochs
             ));
         } else {
             self.reporter.line(&format!(

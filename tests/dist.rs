@@ -1,7 +1,8 @@
 //! Data-parallel training on torch.distributed (Gloo): two ranks compute what one process
-//! computes, ranks can be started by hand from the launcher's variables, and a rank that dies
-//! takes the others down with a clear error. Where this ptb-lm was built without gloo's
-//! headers, the same commands must say in one line what to install.
+//! computes, ranks can be started by hand from the launcher's variables, a rank that dies
+//! takes the others down with a clear error, and signals to the `--nproc` launcher stop its
+//! ranks (the first with a resumable checkpoint, a second at once). Where this ptb-lm was built
+//! without gloo's headers, the same commands must say in one line what to install.
 
 mod common;
 
@@ -114,4 +115,116 @@ fn a_killed_rank_ends_the_others_with_a_one_line_error() {
     assert!(t.elapsed() < Duration::from_secs(60), "rank 0 waited {:?}", t.elapsed());
     assert_one_line_error(&o, &["rank 0:", "failed (another rank stopped, or the group timed out)"]);
     let _ = ranks[0].wait();
+}
+
+/// Reads `reader` line by line until one contains `needle`, returning everything read.
+fn read_until(reader: &mut impl BufRead, needle: &str) -> String {
+    let mut text = String::new();
+    while !text.lines().any(|l| l.contains(needle)) {
+        assert!(reader.read_line(&mut text).unwrap() > 0, "stream ended before a line with {needle:?}:\n{text}");
+    }
+    text
+}
+
+/// The pids of `parent`'s child processes (from /proc).
+fn children_of(parent: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+}
+
+/// `train --nproc 2` whose rank 0 pauses half-way through its save of epoch 1's `last/` (in
+/// training, where a signal asks for a resumable stop), until `release` exists or 60 s pass.
+fn launch_paused(s: &Sandbox, cfg: &str, release: Option<&std::path::Path>) -> std::process::Child {
+    let mut c = s.command(&["train", "--config", cfg, "--epochs", "2", "--nproc", "2"]);
+    c.env("PTB_LM_FAILPOINT_PAUSE", "save:1").stdout(Stdio::null()).stderr(Stdio::piped());
+    if let Some(f) = release {
+        c.env("PTB_LM_FAILPOINT_RELEASE", f);
+    }
+    c.spawn().unwrap()
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_with_a_resumable_checkpoint() {
+    if !ptb_lm::dist::available() {
+        return;
+    }
+    let s = Sandbox::new();
+    let cfg = stable(&s);
+    let release = s.path("release");
+    let mut launcher = launch_paused(&s, &cfg, Some(&release));
+    let mut err = BufReader::new(launcher.stderr.take().unwrap());
+    let mut text = read_until(&mut err, "paused in checkpoint save");
+    // What a scheduler, `timeout` or a supervisor sends to the process it started (the ranks
+    // are not signalled by the test).
+    signal(&launcher, libc::SIGTERM);
+    // Rank 0 got it, forwarded, while its save is held; rank 1 waits for it at the epoch's end.
+    text += &read_until(&mut err, "stopping after this step");
+    std::fs::write(&release, "").unwrap();
+    let status = launcher.wait().unwrap();
+    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("interrupted in epoch 2 after batch 0 of"), "{text}");
+    let resume = format!("continue with: ptb-lm train --resume {}", s.path("run").display());
+    assert!(text.contains(&resume), "{text}");
+    // Each rank saw the signal once and stopped after the same epoch: no rank quit at once, and
+    // none was left waiting for the other.
+    assert!(!text.contains("stopping now") && !text.contains("error:"), "{text}");
+    let pos = ptb_lm::checkpoint::Checkpoint::load(&s.path("run/last")).unwrap().meta.resume.unwrap();
+    assert_eq!((pos.epoch, pos.batch), (1, 0), "epoch 1 saved whole");
+    let o = s.run(&["train", "--resume", "run", "--nproc", "2"]);
+    assert_success(&o);
+    assert_eq!(records(&s.path("run")).len(), 2);
+    assert!(s.path("run/summary.json").exists());
+}
+
+#[test]
+fn a_second_signal_to_the_launcher_ends_every_rank_at_once() {
+    if !ptb_lm::dist::available() {
+        return;
+    }
+    let s = Sandbox::new();
+    let cfg = stable(&s);
+    // No release: rank 0 holds its save for 60 s unless it is killed.
+    let mut launcher = launch_paused(&s, &cfg, None);
+    let mut err = BufReader::new(launcher.stderr.take().unwrap());
+    let mut text = read_until(&mut err, "paused in checkpoint save");
+    let ranks = children_of(launcher.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    signal(&launcher, libc::SIGINT);
+    text += &read_until(&mut err, "stopping after this step");
+    let t = Instant::now();
+    signal(&launcher, libc::SIGTERM);
+    let status = launcher.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(30), "the launcher waited {:?} for its ranks", t.elapsed());
+    // Checked before reading the rest of stderr, which a surviving rank would hold open.
+    let survivors: Vec<i32> = ranks.into_iter().filter(|&pid| alive(pid)).collect();
+    for &pid in &survivors {
+        // SAFETY: kill(2) on a rank this test started (through the launcher), not left running.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(survivors.is_empty(), "rank processes {survivors:?} outlived the launcher");
+    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("stopping now: ending every rank"), "{text}");
+    assert!(!s.path("run/last").exists(), "rank 0 was ended in its save, not let finish it");
+    ptb_lm::checkpoint::Checkpoint::load(&s.path("run/best")).unwrap();
 }

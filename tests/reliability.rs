@@ -475,6 +475,85 @@ fn a_signal_during_the_final_test_evaluation_exits_130_with_the_run_saved() {
     assert_success(&o);
 }
 
+/// `train` of `epochs` (1-based total) in `run` (a new run, or `--resume`), cut by SIGINT while
+/// its final test evaluation is held by a failpoint; returns its stderr.
+fn cut_in_the_test_evaluation(s: &Sandbox, args: &[&str]) -> String {
+    let mut child = s
+        .command(args)
+        .env("PTB_LM_FAILPOINT_PAUSE", "test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut text = wait_for_line(&mut err, "paused in test");
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    text
+}
+
+/// The test perplexity `ptb-lm eval` prints for `run/best` (4 decimals).
+fn eval_test_ppl(s: &Sandbox) -> f64 {
+    let o = s.run(&["--threads", "1", "eval", "--checkpoint", "run/best", "--split", "test", "--device", "cpu"]);
+    assert_success(&o);
+    stdout(&o).split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_run_cut_in_its_final_test_evaluation_is_completed_by_resume() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let err = cut_in_the_test_evaluation(
+        &s,
+        &["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "1"],
+    );
+    let run = s.path("run");
+    let hint = format!(
+        "continue with: ptb-lm train --resume {} to score the test split with best/ and write summary.json",
+        run.display()
+    );
+    assert!(err.contains(&hint), "{err}");
+    assert!(!s.path("run/summary.json").exists());
+
+    // The resume trains nothing, scores the test split with best/ and writes the summary the
+    // uninterrupted run would have.
+    let o = s.run(&["--threads", "1", "train", "--resume", "run"]);
+    assert_success(&o);
+    let resuming = "resuming run after its last epoch (1 of 1): scoring the test split";
+    assert!(stdout(&o).contains(resuming), "{}", stdout(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(s.path("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(summary["epochs"].as_array().unwrap(), &metrics, "the summary's epochs are metrics.jsonl's");
+    assert_eq!(summary["best_epoch"], 1);
+    let test_ppl = summary["test_ppl"].as_f64().unwrap();
+    assert!(test_ppl.is_finite());
+    // Same weights, batches and thread count as eval: the same number, to eval's 4 decimals.
+    let printed = eval_test_ppl(&s);
+    assert!((test_ppl - printed).abs() <= 0.5e-4 + 1e-9, "summary {test_ppl} vs eval {printed}");
+    assert_no_null_numbers(&s.path("run"));
+
+    // Now finished: resuming it again without more epochs is refused as before.
+    let o = s.run(&["train", "--resume", "run"]);
+    assert_one_line_error(&o, &["already finished 1 epochs (train.epochs = 1)", "--epochs N, N > 1"]);
+
+    // Trained further and cut in the test evaluation again: the earlier summary (of epoch 1)
+    // does not count as this one.
+    cut_in_the_test_evaluation(&s, &["--threads", "1", "train", "--resume", "run", "--epochs", "2"]);
+    assert_success(&s.run(&["--threads", "1", "train", "--resume", "run"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs"].as_array().unwrap().len(), 2);
+    let printed = eval_test_ppl(&s);
+    assert!((summary["test_ppl"].as_f64().unwrap() - printed).abs() <= 0.5e-4 + 1e-9, "{summary}");
+}
+
 #[test]
 fn a_closed_stdout_stops_training_with_a_resumable_checkpoint() {
     let s = Sandbox::new();
