@@ -233,7 +233,8 @@ impl GradStats {
         if crate::data::sha256_hex(&bytes) != meta.tensors_sha256 {
             return Saved::Stale(format!("{} is not the file {STATS_META} names (a save was cut)", STATS_FILE));
         }
-        let Ok(tensors) = Tensor::read_safetensors(&tensors_path) else {
+        // Parsed from exactly the bytes just hashed: the file may be replaced meanwhile.
+        let Ok(tensors) = safetensors::SafeTensors::deserialize(&bytes) else {
             return Saved::Stale(format!("{}: not a readable safetensors file", tensors_path.display()));
         };
         let device = model.device();
@@ -241,8 +242,10 @@ impl GradStats {
             .named_parameters()
             .into_iter()
             .map(|(name, p)| {
-                let t = tensors.iter().find(|(n, _)| *n == format!("ms.{name}"))?;
-                (t.1.size() == p.size()).then(|| (name, t.1.to_device(device).to_kind(Kind::Float)))
+                let view = tensors.tensor(&format!("ms.{name}")).ok()?;
+                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+                let fits = view.dtype() == safetensors::Dtype::F32 && shape == p.size();
+                fits.then(|| (name, Tensor::from_data_size(view.data(), &shape, Kind::Float).to_device(device)))
             })
             .collect::<Option<Vec<_>>>();
         match ms {
@@ -363,4 +366,11 @@ pub fn perplexity(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) 
         }
     });
     Ok((f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64).exp())
+}
+
+/// Whether a dynamic evaluation's perplexity says the adaptation blew up: not finite, or
+/// worse than a uniform guess over the vocabulary (perplexity V), which the trained weights
+/// it starts from never are: such a number measures broken updates, not the model.
+pub fn diverged(ppl: f64, vocab_size: i64) -> bool {
+    !(ppl.is_finite() && ppl <= vocab_size as f64)
 }

@@ -227,8 +227,11 @@ fn run_dynamic(
 ) -> Result<EvalReport> {
     let mut settings = opts.settings;
     let recorded = ckpt.meta.corpus.as_ref();
+    // The training tokens the model was trained on (`data.train_tokens` of its config).
     let read_train = || {
-        Corpus::load_split(data, Split::Train, vocab, &ckpt.dir, recorded).map(|(ids, _)| ids).map_err(|e| {
+        let limit = data::token_limit(data, Split::Train);
+        let read = Corpus::load_split(data, Split::Train, vocab, &ckpt.dir, recorded);
+        read.map(|(ids, _)| data::truncate(&ids, limit).to_vec()).map_err(|e| {
             anyhow::anyhow!(
                 "{e:#}; dynamic evaluation computes its gradient statistics on the training split \
                  (none saved in {} are for these weights and settings)",
@@ -281,8 +284,9 @@ fn run_dynamic(
     let mut search_tokens = 0;
     if opts.search {
         let (valid, _) = Corpus::load_split(data, Split::Valid, vocab, &ckpt.dir, recorded)?;
-        let valid = &valid[..valid.len().min(opts.search_tokens)];
-        search_tokens = valid.len();
+        // The first token is read, not scored: `search_tokens` predictions.
+        let valid = &valid[..valid.len().min(opts.search_tokens + 1)];
+        search_tokens = valid.len().saturating_sub(1);
         if search_tokens < MIN_SEARCH_TOKENS {
             bail!(
                 "--dynamic-search: the validation split has only {search_tokens} tokens; it needs at least {MIN_SEARCH_TOKENS}"
@@ -291,7 +295,9 @@ fn run_dynamic(
         for point in settings.grid() {
             search.push((point, dynamic::perplexity(model, valid, &stats, &point)?));
         }
-        let Some(best) = search.iter().filter(|p| p.1.is_finite()).min_by(|a, b| a.1.total_cmp(&b.1)) else {
+        let vocab_size = vocab.len() as i64;
+        let sound = search.iter().filter(|p| !dynamic::diverged(p.1, vocab_size));
+        let Some(best) = sound.min_by(|a, b| a.1.total_cmp(&b.1)) else {
             bail!(
                 "--dynamic-search: every point of the grid diverged on validation (with --dyn-epsilon {:e}); \
                  use a larger --dyn-epsilon",
@@ -304,12 +310,14 @@ fn run_dynamic(
     let start = Instant::now();
     let ppl = dynamic::perplexity(model, &scored.ids, &stats, &settings)?;
     let seconds = start.elapsed().as_secs_f64();
-    if !ppl.is_finite() {
+    if dynamic::diverged(ppl, vocab.len() as i64) {
         let or_search = if opts.search { "" } else { ", or let --dynamic-search choose" };
         bail!(
-            "dynamic evaluation diverged on {} ({}): perplexity {ppl}; use a smaller --dyn-lr or a larger --dyn-epsilon{or_search}",
+            "dynamic evaluation diverged on {} ({}): perplexity {ppl:.4e}, worse than a uniform guess over the {} \
+             words; use a smaller --dyn-lr or a larger --dyn-epsilon{or_search}",
             scored.name,
-            settings.describe()
+            settings.describe(),
+            vocab.len()
         );
     }
     let mut notes = scored.notes;

@@ -2,11 +2,12 @@
 //! a pause at a chosen point (so a test can send a signal or kill the process there) and a
 //! diverging step. Each is off unless its environment variable is set.
 //!
-//! * `PTB_LM_FAILPOINT_PAUSE=setup|test|stats|save:N`: pause for a minute, after printing
-//!   `ptb-lm: failpoint: paused in <where>` on stderr: in set-up (before the first step),
-//!   before the final test evaluation, between the two files of a save of dynamic
-//!   evaluation's gradient statistics, or half-way through the checkpoint save after the
-//!   first N (weights written, metadata not).
+//! * `PTB_LM_FAILPOINT_PAUSE=setup|test|stats|save:N|step:N`: pause for a minute, after
+//!   printing `ptb-lm: failpoint: paused in <where>` on stderr: in set-up (before the first
+//!   step), before the final test evaluation, between the two files of a save of dynamic
+//!   evaluation's gradient statistics, half-way through the checkpoint save after the first
+//!   N (weights written, metadata not), or right after training step N (0-based, counted
+//!   over the whole run).
 //! * `PTB_LM_FAILPOINT_RELEASE=FILE`: a pause ends as soon as FILE exists (so a test can
 //!   interleave two processes exactly: hold one at a point, run the other, release the first).
 //! * `PTB_LM_FAILPOINT_DIVERGE=KIND@STEP` (or `KIND@STEP+` for every step from STEP on):
@@ -56,6 +57,14 @@ static SAVES: AtomicUsize = AtomicUsize::new(0);
 pub fn pause(point: &str) {
     if std::env::var(PAUSE).is_ok_and(|v| v == point) {
         hold(point);
+    }
+}
+
+/// Called after every training step: pauses after global step `step` when asked to.
+pub fn pause_after_step(step: usize) {
+    let at = std::env::var(PAUSE).ok().and_then(|v| v.strip_prefix("step:").and_then(|n| n.parse::<usize>().ok()));
+    if at == Some(step) {
+        hold(&format!("step {step}"));
     }
 }
 

@@ -13,6 +13,11 @@
 //!
 //! In data-parallel training rank 0 speaks for the group: the other ranks stop silently.
 //!
+//! One signal can arrive twice: GNU `timeout` (and some supervisors) signal the process and
+//! then its whole process group, which holds the process too. A signal within
+//! [`SAME_SIGNAL`] of the first is therefore taken as the same one; a person's second Ctrl-C
+//! comes later than that.
+//!
 //! "At once" is `_exit(130)` from the handler thread: unlike `std::process::exit` it runs no
 //! atexit handlers or C++ static destructors, which would tear libtorch down under the feet
 //! of the thread still computing (a crash, not an exit). Checkpoints are written atomically
@@ -21,6 +26,11 @@
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Signals this close to the first are one signal delivered twice (see the module comment).
+pub const SAME_SIGNAL: Duration = Duration::from_millis(200);
+static FIRST: Mutex<Option<Instant>> = Mutex::new(None);
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static GRACEFUL: AtomicBool = AtomicBool::new(false);
@@ -54,6 +64,14 @@ pub fn install() -> Result<()> {
 }
 
 fn on_signal() {
+    {
+        let mut first = FIRST.lock().unwrap_or_else(|e| e.into_inner());
+        match *first {
+            Some(t) if t.elapsed() < SAME_SIGNAL => return,
+            Some(_) => {}
+            None => *first = Some(Instant::now()),
+        }
+    }
     let count = SIGNALS.fetch_add(1, Ordering::SeqCst) + 1;
     if FORWARDING.load(Ordering::SeqCst) {
         // The launcher's loop acts on the count; its first signal reaches rank 0, which says

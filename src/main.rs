@@ -139,12 +139,12 @@ struct EvalArgs {
     /// first (a grid, printed)
     #[arg(long, conflicts_with = "batch_size")]
     dynamic_search: bool,
-    /// Dynamic evaluation: learning rate η
-    #[arg(long, value_name = "ETA", requires = "dynamic_mode", allow_hyphen_values = true,
+    /// Dynamic evaluation: learning rate η (--dynamic-search chooses it)
+    #[arg(long, value_name = "ETA", requires = "dynamic", conflicts_with = "dynamic_search", allow_hyphen_values = true,
           default_value_t = ptb_lm::dynamic::Settings::default().lr)]
     dyn_lr: f64,
-    /// Dynamic evaluation: decay λ back to the trained weights, in [0, 1)
-    #[arg(long, value_name = "LAMBDA", requires = "dynamic_mode", allow_hyphen_values = true,
+    /// Dynamic evaluation: decay λ back to the trained weights, in [0, 1) (--dynamic-search chooses it)
+    #[arg(long, value_name = "LAMBDA", requires = "dynamic", conflicts_with = "dynamic_search", allow_hyphen_values = true,
           default_value_t = ptb_lm::dynamic::Settings::default().decay)]
     dyn_decay: f64,
     /// Dynamic evaluation: ε added to the gradients' RMS

@@ -732,9 +732,11 @@ impl Session {
             self.step.fall_back_to_eager();
             self.step.run(&x, &y, seed)?;
         }
-        if let Some(d) = failpoint::diverge_after(self.pos.epoch * self.splits.train.len() + k) {
+        let global = self.pos.epoch * self.splits.train.len() + k;
+        if let Some(d) = failpoint::diverge_after(global) {
             self.step.provoke(d);
         }
+        failpoint::pause_after_step(global);
         Ok(())
     }
 

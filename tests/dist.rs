@@ -148,9 +148,11 @@ fn alive(pid: i32) -> bool {
 
 /// `train --nproc 2` whose rank 0 pauses half-way through its save of epoch 1's `last/` (in
 /// training, where a signal asks for a resumable stop), until `release` exists or 60 s pass.
+/// The launcher leads a process group of its own, as under `timeout` or a supervisor.
 fn launch_paused(s: &Sandbox, cfg: &str, release: Option<&std::path::Path>) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
     let mut c = s.command(&["train", "--config", cfg, "--epochs", "2", "--nproc", "2"]);
-    c.env("PTB_LM_FAILPOINT_PAUSE", "save:1").stdout(Stdio::null()).stderr(Stdio::piped());
+    c.env("PTB_LM_FAILPOINT_PAUSE", "save:1").stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
     if let Some(f) = release {
         c.env("PTB_LM_FAILPOINT_RELEASE", f);
     }
@@ -174,8 +176,11 @@ fn sigterm_to_the_launcher_stops_every_rank_with_a_resumable_checkpoint() {
     let mut err = BufReader::new(launcher.stderr.take().unwrap());
     let mut text = read_until(&mut err, "paused in checkpoint save");
     // What a scheduler, `timeout` or a supervisor sends to the process it started (the ranks
-    // are not signalled by the test).
+    // are not signalled by the test), delivered twice as GNU `timeout` does: to the process,
+    // then to its process group. It is one signal.
     signal(&launcher, libc::SIGTERM);
+    // SAFETY: kill(2) on the process group our own child leads.
+    assert_eq!(unsafe { libc::kill(-(launcher.id() as i32), libc::SIGTERM) }, 0);
     // Rank 0 got it, forwarded, while its save is held; rank 1 waits for it at the epoch's end.
     text += &read_until(&mut err, "stopping after this step");
     std::fs::write(&release, "").unwrap();
@@ -211,6 +216,8 @@ fn a_second_signal_to_the_launcher_ends_every_rank_at_once() {
     assert_eq!(ranks.len(), 2, "{ranks:?}");
     signal(&launcher, libc::SIGINT);
     text += &read_until(&mut err, "stopping after this step");
+    // A second signal, later than one signal delivered twice could be.
+    std::thread::sleep(ptb_lm::interrupt::SAME_SIGNAL * 2);
     let t = Instant::now();
     signal(&launcher, libc::SIGTERM);
     let status = launcher.wait().unwrap();

@@ -206,7 +206,9 @@ fn the_search_says_how_many_tokens_it_scored() {
 fn dynamic_flags_are_refused_without_dynamic_evaluation_and_batch_size_with_it() {
     let s = Sandbox::new();
     for (args, expect) in [
-        (&["--dyn-lr", "NaN"][..], &["--dynamic", "--dynamic-search"][..]),
+        (&["--dyn-lr", "NaN"][..], &["--dynamic"][..]),
+        (&["--dynamic-search", "--dyn-lr", "1e-4"], &["--dyn-lr", "--dynamic-search"]),
+        (&["--dynamic-search", "--dyn-decay", "0.01"], &["--dyn-decay", "--dynamic-search"]),
         (&["--dyn-bptt", "3"], &["--dynamic"]),
         (&["--dyn-stats-batches", "3"], &["--dynamic"]),
         (&["--dynamic", "--dyn-search-tokens", "500"], &["--dynamic-search"]),

@@ -133,9 +133,7 @@ fn a_statistics_save_cut_or_interleaved_with_another_is_never_read_as_whole() {
 #[test]
 fn saved_statistics_need_no_corpus_and_missing_ones_say_why_they_need_it() {
     let s = Sandbox::new();
-    let text = std::fs::read_to_string(shakespeare_file()).unwrap();
-    std::fs::create_dir(s.path("corp")).unwrap();
-    std::fs::write(s.path("corp/a.txt"), text.lines().take(3000).flat_map(|l| [l, "\n"]).collect::<String>()).unwrap();
+    shakespeare_corpus(&s);
     std::fs::write(s.path("new.txt"), "First Citizen:\nWe are accounted poor citizens.\n").unwrap();
     let cfg = single_file_config(&s, "corp/a.txt");
     assert_success(&s.run(&["train", "--config", &cfg]));
@@ -151,6 +149,13 @@ fn saved_statistics_need_no_corpus_and_missing_ones_say_why_they_need_it() {
     }
     let o = run(&s, &args);
     assert_one_line_error(&o, &["a.txt", "file not found", "gradient statistics on the training split"]);
+}
+
+/// `corp/a.txt` in the sandbox: the first 3000 lines of Tiny Shakespeare.
+fn shakespeare_corpus(s: &Sandbox) {
+    let text = std::fs::read_to_string(shakespeare_file()).unwrap();
+    std::fs::create_dir(s.path("corp")).unwrap();
+    std::fs::write(s.path("corp/a.txt"), text.lines().take(3000).flat_map(|l| [l, "\n"]).collect::<String>()).unwrap();
 }
 
 /// A tiny config training on the single file `file` (relative to the sandbox).
@@ -169,9 +174,7 @@ fn single_file_config(s: &Sandbox, file: &str) -> String {
 #[test]
 fn a_run_is_evaluated_from_any_directory_and_a_moved_corpus_is_named_by_flag() {
     let s = Sandbox::new();
-    let text = std::fs::read_to_string(shakespeare_file()).unwrap();
-    std::fs::create_dir(s.path("corp")).unwrap();
-    std::fs::write(s.path("corp/a.txt"), text.lines().take(3000).flat_map(|l| [l, "\n"]).collect::<String>()).unwrap();
+    shakespeare_corpus(&s);
     let cfg = single_file_config(&s, "corp/a.txt");
     assert_success(&s.run(&["train", "--config", &cfg, "--epochs", "1"]));
     let here = ppl(&s.run(&["eval", "--checkpoint", "run/best", "--device", "cpu"]));
