@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make libtorch 2.11.0 available to the build, installing it only when missing.
+# Make libtorch 2.11.0 available to the build, installing it only when missing (and, for the
+# tests, Python's tokenizers, pinned to the crate's version).
 #
 # Default: a Python virtualenv holding PyPI's torch==2.11.0, kept OUTSIDE the clone
 # (so fresh clones and CI reuse it) at
@@ -56,6 +57,15 @@ crt=$("$venv/bin/python" -W ignore -c 'import torch, os; print(os.path.dirname(o
 if [[ ! -d "$crt" ]]; then
   log "adding $CUDA_CRT (CUDA headers for the CUDA-graph shim)"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "$CUDA_CRT" >&2
+fi
+
+# The tests check that a BPE checkpoint's tokenizer.json loads in Python's tokenizers and
+# encodes as ptb-lm does: pinned to the release whose Rust core is the tokenizers crate
+# ptb-lm builds with (Cargo.toml).
+TOKENIZERS_VERSION=0.22.2
+if [[ "$("$venv/bin/python" -c 'import tokenizers; print(tokenizers.__version__)' 2>/dev/null)" != "$TOKENIZERS_VERSION" ]]; then
+  log "adding tokenizers==$TOKENIZERS_VERSION (the tests load BPE checkpoints' tokenizer.json with it)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "tokenizers==$TOKENIZERS_VERSION" >&2
 fi
 
 ln -sfn "$venv" "$root/.venv"

@@ -5,7 +5,9 @@
 //!   it was trained on (absolute paths, each file's size and SHA-256), and for a
 //!   resumable checkpoint (`last/`) the position in training;
 //! * `state.safetensors` (resumable checkpoints only): the carried LSTM state and, when
-//!   averaged SGD is on, the running averages.
+//!   averaged SGD is on, the running averages;
+//! * `tokenizer.json` (BPE runs only): the tokenizer, in HuggingFace `tokenizers`' standard
+//!   format (see [`crate::text`]).
 //!
 //! Writes are atomic: everything goes into a temporary sibling directory, each file and the
 //! directory are fsynced, and the temporary directory is swapped with the old one in one
@@ -15,6 +17,7 @@
 use crate::config::Config;
 use crate::data::{CorpusRecord, Vocab};
 use crate::model::LstmLm;
+use crate::text::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
@@ -26,6 +29,7 @@ pub const FORMAT: u32 = 1;
 pub const WEIGHTS: &str = "model.safetensors";
 pub const STATE: &str = "state.safetensors";
 pub const META: &str = "checkpoint.json";
+pub const TOKENIZER: &str = crate::text::TOKENIZER_FILE;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Meta {
@@ -105,6 +109,11 @@ impl Checkpoint {
         Vocab::from_words(self.meta.vocab.clone()).with_context(|| self.dir.join(META).display().to_string())
     }
 
+    /// The tokenizer the checkpoint's model reads and writes text with.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Tokenizer::load(self.meta.config.data.tokenizer, self.meta.vocab.clone(), &self.dir)
+    }
+
     /// Builds the model the checkpoint describes on `device` and loads its weights.
     pub fn model(&self, device: Device) -> Result<LstmLm> {
         let model = LstmLm::new(&self.meta.config.model, device, Kind::Float)?;
@@ -169,6 +178,18 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 
 /// Writes a checkpoint atomically into `dir` (replacing what was there).
 pub fn save(dir: &Path, meta: &Meta, weights: &[(String, Tensor)], state: &[(String, Tensor)]) -> Result<()> {
+    save_with(dir, meta, weights, state, &[])
+}
+
+/// [`save`], with further files (name, bytes) written into the checkpoint with the rest, as
+/// the tokenizer's `tokenizer.json`.
+pub fn save_with(
+    dir: &Path,
+    meta: &Meta,
+    weights: &[(String, Tensor)],
+    state: &[(String, Tensor)],
+    files: &[(&str, Vec<u8>)],
+) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = dir.file_name().with_context(|| format!("{}: not a directory name", dir.display()))?;
     fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
@@ -182,6 +203,12 @@ pub fn save(dir: &Path, meta: &Meta, weights: &[(String, Tensor)], state: &[(Str
     crate::failpoint::pause_in_save();
     if !state.is_empty() {
         write_tensors(&tmp.join(STATE), state)?;
+    }
+    for (name, bytes) in files {
+        let path = tmp.join(name);
+        let mut f = File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        f.write_all(bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+        f.sync_all()?;
     }
     let json = serde_json::to_string_pretty(meta)?;
     let meta_path = tmp.join(META);

@@ -56,6 +56,15 @@ pub struct DataConfig {
     /// Read the text lower-cased (training data, eval --file and prompts alike).
     #[serde(default)]
     pub lowercase: bool,
+    /// How text becomes tokens (see [`crate::text`]): `word` (whitespace-separated words,
+    /// the default), `char` (every character) or `bpe` (byte-level BPE learnt on the
+    /// training split). Left out of a word run's files, so they read as before.
+    #[serde(default, skip_serializing_if = "TokenizerKind::is_word")]
+    pub tokenizer: TokenizerKind,
+    /// Tokens a BPE tokenizer learns (`<eos>` and the 256 bytes included; default
+    /// [`DEFAULT_BPE_VOCAB`]); only with `tokenizer = "bpe"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpe_vocab: Option<usize>,
     /// Use only the first N tokens of each split (quick experiments, tests). The vocabulary
     /// is always built from the whole training split.
     #[serde(default)]
@@ -79,12 +88,54 @@ impl Default for DataConfig {
             max_vocab: None,
             min_count: 1,
             lowercase: false,
+            tokenizer: TokenizerKind::Word,
+            bpe_vocab: None,
             train_tokens: None,
             valid_tokens: None,
             test_tokens: None,
         }
     }
 }
+
+/// How text becomes tokens (`data.tokenizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// Whitespace-separated words, `<eos>` at each line end.
+    #[default]
+    Word,
+    /// Every character of a line (the space too), `<eos>` at each line end.
+    Char,
+    /// Byte-level BPE learnt on the training split, `<eos>` at each line end.
+    Bpe,
+}
+
+impl TokenizerKind {
+    pub fn is_word(&self) -> bool {
+        *self == TokenizerKind::Word
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenizerKind::Word => "word",
+            TokenizerKind::Char => "char",
+            TokenizerKind::Bpe => "bpe",
+        }
+    }
+}
+
+impl DataConfig {
+    /// The BPE vocabulary size asked for (`data.bpe_vocab`, or its default).
+    pub fn bpe_vocab(&self) -> usize {
+        self.bpe_vocab.unwrap_or(DEFAULT_BPE_VOCAB)
+    }
+}
+
+/// `data.bpe_vocab` when left out.
+pub const DEFAULT_BPE_VOCAB: usize = 1024;
+
+/// The range `data.bpe_vocab` must be in: at least the 256 bytes and `<eos>`.
+pub const BPE_VOCAB_RANGE: (usize, usize) = (257, 1 << 20);
 
 /// The corpus directory when the config names none.
 pub const DEFAULT_DATA_DIR: &str = "data/ptb";
@@ -448,6 +499,23 @@ impl Config {
         if d.min_count == 0 {
             bail!("data.min_count must be at least 1");
         }
+        let (lo, hi) = BPE_VOCAB_RANGE;
+        match (d.tokenizer, d.bpe_vocab) {
+            (TokenizerKind::Bpe, Some(n)) if !(lo..=hi).contains(&n) => {
+                bail!("data.bpe_vocab must be between {lo} (the 256 bytes and <eos>) and {hi} (got {n})")
+            }
+            (TokenizerKind::Bpe, _) if d.max_vocab.is_some() || d.min_count > 1 => bail!(
+                "data.max_vocab and data.min_count do not apply to data.tokenizer = \"bpe\", which reads every \
+                 text without <unk>; size its vocabulary with data.bpe_vocab"
+            ),
+            (TokenizerKind::Bpe, _) => {}
+            (kind, Some(_)) => bail!(
+                "data.bpe_vocab is only for data.tokenizer = \"bpe\" (this config reads {}); remove it or set \
+                 data.tokenizer = \"bpe\"",
+                kind.name()
+            ),
+            _ => {}
+        }
         for (key, v) in [
             ("data.train_tokens", self.data.train_tokens),
             ("data.valid_tokens", self.data.valid_tokens),
@@ -559,6 +627,24 @@ mod tests {
         assert_eq!(c.run.device, DeviceChoice::Cpu);
         let err = Config::parse(MIN, &["train.epoch=7".into()]).unwrap_err().to_string();
         assert!(err.contains("train.epoch"), "{err}");
+    }
+
+    #[test]
+    fn bpe_vocab_is_checked_and_only_for_bpe() {
+        let c = Config::parse(MIN, &["data.tokenizer=\"bpe\"".into()]).unwrap();
+        assert_eq!((c.data.tokenizer, c.data.bpe_vocab()), (TokenizerKind::Bpe, DEFAULT_BPE_VOCAB));
+        let err = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            Config::parse(MIN, &o).unwrap_err().to_string()
+        };
+        assert!(
+            err(&["data.tokenizer=\"bpe\"", "data.bpe_vocab=256"]).starts_with("data.bpe_vocab must be between 257")
+        );
+        assert!(err(&["data.bpe_vocab=500"]).starts_with("data.bpe_vocab is only for data.tokenizer = \"bpe\""));
+        assert!(err(&["data.tokenizer=\"bpe\"", "data.min_count=2"]).contains("do not apply to data.tokenizer"));
+        assert!(err(&["data.tokenizer=\"bytes\""]).starts_with("data.tokenizer: unknown variant"));
+        // A word config's text leaves the new keys out, so it reads as it always did.
+        assert!(!Config::parse(MIN, &[]).unwrap().to_toml().contains("tokenizer"));
     }
 
     #[test]

@@ -1,15 +1,18 @@
-//! A corpus: three splits of text (train, valid, test) read as word ids, as PyTorch's
-//! word_language_model `Corpus(path)` reads one, and batched as the book's
-//! `RnnlmTrainer.get_batch` / `eval_perplexity` batch it. Nothing here knows one dataset.
+//! A corpus: three splits of text (train, valid, test) read as token ids through the run's
+//! tokenizer ([`crate::text`]; words by default, as PyTorch's word_language_model
+//! `Corpus(path)` reads one), and batched as the book's `RnnlmTrainer.get_batch` /
+//! `eval_perplexity` batch it. Nothing here knows one dataset.
 //!
 //! * Where the text is ([`Layout`]): a directory holding the three splits under one of the
 //!   usual names (`ptb.{split}.txt`, `{split}.txt`, WikiText's `wiki.{split}.tokens`), three
 //!   explicit files, or one text file that is split here into contiguous line ranges (the
-//!   last `test_fraction` of its tokens for test, the `valid_fraction` before them for valid).
+//!   last `test_fraction` of its tokens for test, the `valid_fraction` before them for valid;
+//!   for the character and BPE tokenizers, of its characters).
 //! * Text: UTF-8 (a byte-order mark is not part of the first word), optionally lower-cased;
 //!   words are whitespace-separated and `<eos>` closes every line, so a blank line is an empty
 //!   sentence: one `<eos>`.
-//! * Vocabulary: from the training split alone, ids in order of first appearance; every word
+//! * Vocabulary (words; characters likewise, always with `<unk>`; BPE learns its tokens from
+//!   the training split): from the training split alone, ids in order of first appearance; every word
 //!   by default, or only those seen `min_count` times, capped to the `max_vocab` most frequent,
 //!   the rest read as `<unk>`. It must hold at least 3 words (as `model.vocab_size` must): a
 //!   training split that gives fewer is an error saying why. In a PTB directory (`ptb.*.txt`,
@@ -20,18 +23,21 @@
 //!   `jump = (n - 1) / batch_size`; batch `k` holds steps `k*T .. (k+1)*T` of every stream, so
 //!   the hidden state of stream `i` carries over from batch `k` to batch `k + 1` (truncated
 //!   BPTT). There are `(n - 1) / (batch_size * T)` batches.
+//! * Characters: every split keeps, beside its ids, the characters of text each token covers
+//!   ([`crate::text::Encoded`]), so a score can be told in bits per character
+//!   ([`Batches::chars_scored`] sums them over exactly the targets a batching scores).
 
-use crate::config::DataConfig;
+use crate::config::{DataConfig, TokenizerKind};
+use crate::text::{Encoded, Tokenizer};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
-pub const EOS: &str = "<eos>";
-pub const UNK: &str = "<unk>";
+pub use crate::text::word::{tokens, Vocab};
+pub use crate::text::{EOS, UNK};
 
 /// One of the three splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,160 +74,6 @@ impl std::str::FromStr for Split {
             .find(|x| x.name() == s)
             .with_context(|| format!("unknown split '{s}' (train, valid or test)"))
     }
-}
-
-/// Word <-> id mapping.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Vocab {
-    words: Vec<String>,
-    ids: HashMap<String, i64>,
-}
-
-impl Vocab {
-    /// Every word, ids in order of first appearance.
-    pub fn build<'a>(words: impl IntoIterator<Item = &'a str>) -> Vocab {
-        let mut v = Vocab { words: Vec::new(), ids: HashMap::new() };
-        for w in words {
-            v.add(w);
-        }
-        v
-    }
-
-    /// Words seen at least `min_count` times, at most `max_vocab` of them (the most frequent;
-    /// ties: the first seen), ids in order of first appearance. `<eos>` is always kept; when a
-    /// word is left out, or `with_unk`, `<unk>` is in the vocabulary (and counts toward
-    /// `max_vocab`).
-    pub fn build_capped<'a>(
-        words: impl IntoIterator<Item = &'a str>,
-        max_vocab: Option<usize>,
-        min_count: usize,
-        with_unk: bool,
-    ) -> Vocab {
-        let all = Vocab::build_counted(words);
-        let (order, mut counts) = (&all.0.words, all.1);
-        // <eos> always stays, and so does a literal <unk> of the text.
-        for w in [EOS, UNK] {
-            if let Some(id) = all.0.id(w) {
-                counts[id as usize] = usize::MAX;
-            }
-        }
-        let mut keep: Vec<usize> = (0..order.len()).filter(|&i| counts[i] >= min_count).collect();
-        let need_unk = all.0.id(UNK).is_none()
-            && (with_unk || keep.len() < order.len() || max_vocab.is_some_and(|m| keep.len() > m));
-        if let Some(max) = max_vocab {
-            let room = if need_unk { max.saturating_sub(1) } else { max };
-            if keep.len() > room {
-                keep.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
-                keep.truncate(room);
-                keep.sort_unstable();
-            }
-        }
-        let mut v = Vocab { words: Vec::new(), ids: HashMap::new() };
-        for &i in &keep {
-            v.add(&order[i]);
-        }
-        if need_unk {
-            v.add(UNK);
-        }
-        v
-    }
-
-    fn build_counted<'a>(words: impl IntoIterator<Item = &'a str>) -> (Vocab, Vec<usize>) {
-        let mut v = Vocab { words: Vec::new(), ids: HashMap::new() };
-        let mut counts = Vec::new();
-        for w in words {
-            let id = v.add(w) as usize;
-            if id == counts.len() {
-                counts.push(0);
-            }
-            counts[id] += 1;
-        }
-        (v, counts)
-    }
-
-    fn add(&mut self, w: &str) -> i64 {
-        if let Some(&id) = self.ids.get(w) {
-            return id;
-        }
-        let id = self.words.len() as i64;
-        self.ids.insert(w.to_string(), id);
-        self.words.push(w.to_string());
-        id
-    }
-
-    /// From a stored word list (a checkpoint's), which must not repeat a word.
-    pub fn from_words(words: Vec<String>) -> Result<Vocab> {
-        let mut ids = HashMap::with_capacity(words.len());
-        for (i, w) in words.iter().enumerate() {
-            if ids.insert(w.clone(), i as i64).is_some() {
-                bail!("the vocabulary lists '{w}' twice");
-            }
-        }
-        Ok(Vocab { words, ids })
-    }
-
-    pub fn len(&self) -> usize {
-        self.words.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.words.is_empty()
-    }
-
-    pub fn id(&self, word: &str) -> Option<i64> {
-        self.ids.get(word).copied()
-    }
-
-    pub fn word(&self, id: i64) -> &str {
-        &self.words[id as usize]
-    }
-
-    pub fn words(&self) -> &[String] {
-        &self.words
-    }
-
-    /// Encodes a text (lines of words; `<eos>` after each line). An unknown word is an error
-    /// naming `source` and the line, unless `unk` is true, when it becomes `<unk>`.
-    pub fn encode(&self, text: &str, source: &Path, unk: bool) -> Result<Vec<i64>> {
-        self.encode_counted(text, source, unk).map(|(ids, _)| ids)
-    }
-
-    /// [`Vocab::encode`], also giving how many words were read as `<unk>`.
-    pub fn encode_counted(&self, text: &str, source: &Path, unk: bool) -> Result<(Vec<i64>, usize)> {
-        self.encode_marked(text, source, unk).map(|(ids, replaced)| (ids, replaced.len()))
-    }
-
-    /// [`Vocab::encode`], also giving the positions (in the ids) of the words read as `<unk>`.
-    pub fn encode_marked(&self, text: &str, source: &Path, unk: bool) -> Result<(Vec<i64>, Vec<usize>)> {
-        let unk_id = self.id(UNK);
-        let eos = self.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
-        let mut out = Vec::with_capacity(text.len() / 5);
-        let mut replaced = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            for w in line.split_whitespace() {
-                match (self.id(w), unk_id) {
-                    (Some(id), _) => out.push(id),
-                    (None, Some(u)) if unk => {
-                        replaced.push(out.len());
-                        out.push(u);
-                    }
-                    (None, None) if unk => bail!(
-                        "{} line {}: word '{w}' is not in the training vocabulary, which has no {UNK} to read it as",
-                        source.display(),
-                        n + 1
-                    ),
-                    _ => bail!("{} line {}: word '{w}' is not in the training vocabulary", source.display(), n + 1),
-                }
-            }
-            out.push(eos);
-        }
-        Ok((out, replaced))
-    }
-}
-
-/// Every token of `text`, with `<eos>` after each line.
-pub fn tokens(text: &str) -> impl Iterator<Item = &str> {
-    text.lines().flat_map(|l| l.split_whitespace().chain(std::iter::once(EOS)))
 }
 
 /// Reads a text file as UTF-8, without a leading byte-order mark; the error names the file.
@@ -507,9 +359,26 @@ fn ptb_hint(dir: &Path) -> String {
 
 /// Splits one text at line ends into (train, valid, test): test gets the last
 /// `test_fraction` of the tokens, valid the `valid_fraction` before them (whole lines each).
+#[cfg(test)]
 fn split_text(text: &str, valid_fraction: f64, test_fraction: f64, file: &Path) -> Result<[String; 3]> {
+    split_text_by(text, valid_fraction, test_fraction, file, TokenizerKind::Word)
+}
+
+/// [`split_text`], the fractions taken of the tokens `kind` counts in a line: its words, or
+/// (for characters and BPE) its characters, each with one for the line end.
+fn split_text_by(
+    text: &str,
+    valid_fraction: f64,
+    test_fraction: f64,
+    file: &Path,
+    kind: TokenizerKind,
+) -> Result<[String; 3]> {
     let lines: Vec<&str> = text.lines().collect();
-    let counts: Vec<usize> = lines.iter().map(|l| l.split_whitespace().count() + 1).collect();
+    let count = |l: &str| match kind {
+        TokenizerKind::Word => l.split_whitespace().count() + 1,
+        TokenizerKind::Char | TokenizerKind::Bpe => l.chars().count() + 1,
+    };
+    let counts: Vec<usize> = lines.iter().map(|l| count(l)).collect();
     let total: usize = counts.iter().sum();
     // First line of valid and of test: where the remaining tokens drop to the fraction.
     let cut = |fraction: f64| {
@@ -571,23 +440,32 @@ struct Texts {
 #[derive(Debug, Clone, Serialize)]
 pub struct CorpusInfo {
     pub layout: Layout,
+    /// How the text was read (`data.tokenizer`).
+    pub tokenizer: TokenizerKind,
     pub vocab_size: usize,
     /// Tokens (with `<eos>`) of train, valid and test.
     pub tokens: [usize; 3],
-    /// Words read as `<unk>` in train, valid and test.
+    /// Words (characters) read as `<unk>` in train, valid and test.
     pub unk_replaced: [usize; 3],
+    /// Characters of text the tokens of train, valid and test cover (one per line end).
+    pub chars: [u64; 3],
     /// For a single file: the first line (1-based) of valid and of test.
     pub split_lines: Option<[usize; 2]>,
     /// Every file read, with its size and SHA-256.
     pub files: Vec<FileRecord>,
 }
 
-/// A corpus as word ids.
+/// A corpus as token ids.
 pub struct Corpus {
+    /// How its text was read.
+    pub tokenizer: Tokenizer,
+    /// The tokenizer's tokens (its vocabulary), in id order.
     pub vocab: Vocab,
     pub train: Vec<i64>,
     pub valid: Vec<i64>,
     pub test: Vec<i64>,
+    /// Characters each token of train, valid and test covers (aligned with the ids).
+    pub chars: [Vec<u32>; 3],
     pub info: CorpusInfo,
     /// What it was read from (absolute paths, each file's fingerprint), for checkpoints.
     pub record: CorpusRecord,
@@ -607,35 +485,80 @@ impl Corpus {
     /// [`Corpus::load`], each file checked first against `record` (a checkpoint's, named in
     /// the error) when given: it must be the text the checkpoint was trained on.
     pub fn load_recorded(cfg: &DataConfig, record: Option<(&CorpusRecord, &Path)>) -> Result<Corpus> {
+        Corpus::load_with(cfg, record, None)
+    }
+
+    /// [`Corpus::load_recorded`], read with `tokenizer` where given (a resumed BPE run's, which
+    /// is not learnt again) instead of the one the training split gives.
+    pub fn load_with(
+        cfg: &DataConfig,
+        record: Option<(&CorpusRecord, &Path)>,
+        tokenizer: Option<Tokenizer>,
+    ) -> Result<Corpus> {
         let layout = Layout::of(cfg)?;
         let Texts { texts, files, split_lines } = Corpus::texts(&layout, cfg, &Split::ALL, record)?;
         let train_text = texts[0].as_deref().expect("train was read");
-        let vocab = Corpus::vocabulary(train_text, cfg, &layout);
-        check_vocab_size(&vocab, train_text, cfg, &layout.file(Split::Train))?;
-        let mut ids: Vec<Vec<i64>> = Vec::new();
-        let mut replaced = [0; 3];
+        let tokenizer = match tokenizer {
+            Some(t) => t,
+            None => Corpus::tokenizer(train_text, cfg, &layout)?,
+        };
+        if let Tokenizer::Word(vocab) = &tokenizer {
+            check_vocab_size(vocab, train_text, cfg, &layout.file(Split::Train))?;
+        }
+        let eos = tokenizer.eos()?;
+        let mut encoded: Vec<Encoded> = Vec::new();
         for (i, split) in Split::ALL.into_iter().enumerate() {
             let text = texts[i].as_deref().expect("every split was read");
-            let (v, r) = vocab.encode_counted(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))?;
-            if v.iter().all(|&t| Some(t) == vocab.id(EOS)) {
-                bail!("{}: the {split} split has no words", layout.file(split).display());
+            let e = tokenizer.encode(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))?;
+            if e.ids.iter().all(|&t| t == eos) {
+                let what = if tokenizer.kind().is_word() { "words" } else { "text" };
+                bail!("{}: the {split} split has no {what}", layout.file(split).display());
             }
-            replaced[i] = r;
-            ids.push(v);
+            encoded.push(e);
         }
-        let test = ids.pop().expect("three splits");
-        let valid = ids.pop().expect("three splits");
-        let train = ids.pop().expect("three splits");
+        let [train, valid, test] = <[Encoded; 3]>::try_from(encoded).expect("three splits");
+        let sum = |e: &Encoded| e.chars.iter().map(|&c| c as u64).sum::<u64>();
         let info = CorpusInfo {
             layout,
-            vocab_size: vocab.len(),
-            tokens: [train.len(), valid.len(), test.len()],
-            unk_replaced: replaced,
+            tokenizer: tokenizer.kind(),
+            vocab_size: tokenizer.len(),
+            tokens: [train.ids.len(), valid.ids.len(), test.ids.len()],
+            unk_replaced: [train.unknown.len(), valid.unknown.len(), test.unknown.len()],
+            chars: [sum(&train), sum(&valid), sum(&test)],
             split_lines,
             files: files.clone(),
         };
         let record = CorpusRecord { data: absolute_paths(cfg)?, files };
-        Ok(Corpus { vocab, train, valid, test, info, record })
+        Ok(Corpus {
+            vocab: tokenizer.vocab().clone(),
+            tokenizer,
+            train: train.ids,
+            valid: valid.ids,
+            test: test.ids,
+            chars: [train.chars, valid.chars, test.chars],
+            info,
+            record,
+        })
+    }
+
+    /// The tokenizer the training split gives under `cfg.tokenizer`: its words or characters,
+    /// or BPE learnt on it.
+    fn tokenizer(train: &str, cfg: &DataConfig, layout: &Layout) -> Result<Tokenizer> {
+        Ok(match cfg.tokenizer {
+            TokenizerKind::Word => Tokenizer::Word(Corpus::vocabulary(train, cfg, layout)),
+            TokenizerKind::Char => {
+                let v = crate::text::char::vocabulary(train, cfg.max_vocab, cfg.min_count);
+                if v.len() < MIN_VOCAB {
+                    bail!("{}: the training split has no characters", layout.file(Split::Train).display());
+                }
+                Tokenizer::Char(v)
+            }
+            TokenizerKind::Bpe => Tokenizer::Bpe(Box::new(crate::text::bpe::Bpe::train(
+                train,
+                cfg.bpe_vocab(),
+                &layout.file(Split::Train),
+            )?)),
+        })
     }
 
     /// One split of the corpus `cfg` describes, read with a checkpoint's vocabulary: only the
@@ -643,24 +566,28 @@ impl Corpus {
     /// vocabulary is the one it gives), each checked against the checkpoint's `record` of
     /// what it was trained on when it has one. Also returns the positions of the words read
     /// as `<unk>`.
+    ///
+    /// A BPE tokenizer is not learnt again to check it: the checkpoint's record of the text
+    /// says whether it is the same.
     pub fn load_split(
         cfg: &DataConfig,
         split: Split,
-        vocab: &Vocab,
+        tokenizer: &Tokenizer,
         checkpoint: &Path,
         record: Option<&CorpusRecord>,
-    ) -> Result<(Vec<i64>, Vec<usize>)> {
+    ) -> Result<Encoded> {
         let layout = Layout::of(cfg)?;
-        let train_there = layout.file(Split::Train).is_file();
+        let train_there = layout.file(Split::Train).is_file() && !matches!(tokenizer, Tokenizer::Bpe(_));
         let want: Vec<Split> =
             if train_there && split != Split::Train { vec![Split::Train, split] } else { vec![split] };
         let Texts { texts, .. } = Corpus::texts(&layout, cfg, &want, record.map(|r| (r, checkpoint)))?;
         if let Some(train) = texts[0].as_deref().filter(|_| train_there) {
-            check_vocab(&Corpus::vocabulary(train, cfg, &layout), vocab, &layout.file(Split::Train), checkpoint)?;
+            let built = Corpus::tokenizer(train, cfg, &layout)?;
+            check_vocab(built.vocab(), tokenizer.vocab(), &layout.file(Split::Train), checkpoint)?;
         }
         let i = Split::ALL.iter().position(|&s| s == split).expect("a split");
         let text = texts[i].as_deref().expect("the split was read");
-        vocab.encode_marked(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))
+        tokenizer.encode(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))
     }
 
     /// The texts of `want` (others None), the fingerprints of the files read, and for a
@@ -683,7 +610,7 @@ impl Corpus {
         match layout {
             Layout::Single { file, valid_fraction, test_fraction } => {
                 let (text, record) = read(file, ALL_ROLE)?;
-                let [a, b, c] = split_text(&text, *valid_fraction, *test_fraction, file)?;
+                let [a, b, c] = split_text_by(&text, *valid_fraction, *test_fraction, file, cfg.tokenizer)?;
                 let lines = [a.lines().count() + 1, a.lines().count() + b.lines().count() + 1];
                 Ok(Texts { texts: [Some(a), Some(b), Some(c)], files: vec![record], split_lines: Some(lines) })
             }
@@ -716,6 +643,11 @@ impl Corpus {
         }
     }
 
+    /// Characters each token of `split` covers (aligned with [`Corpus::split`]).
+    pub fn chars(&self, split: Split) -> &[u32] {
+        &self.chars[Split::ALL.iter().position(|&s| s == split).expect("a split")]
+    }
+
     pub fn split(&self, split: Split) -> &[i64] {
         match split {
             Split::Train => &self.train,
@@ -740,14 +672,20 @@ impl Corpus {
                 format!("{} (valid from line {v}, test from line {t})", file.display())
             }
         };
+        let unit = self.tokenizer.unit();
         let unk = i.unk_replaced;
         let unk = if unk.iter().any(|&n| n > 0) {
-            format!("; read as <unk>: {} / {} / {} words", unk[0], unk[1], unk[2])
+            format!("; read as <unk>: {} / {} / {} {unit}s", unk[0], unk[1], unk[2])
         } else {
             String::new()
         };
+        let how = match i.tokenizer {
+            TokenizerKind::Word => String::new(),
+            TokenizerKind::Char => " (characters)".to_string(),
+            TokenizerKind::Bpe => " (byte-level BPE)".to_string(),
+        };
         format!(
-            "corpus {place}: vocabulary {} words; train / valid / test {} / {} / {} tokens{unk}",
+            "corpus {place}: vocabulary {} {unit}s{how}; train / valid / test {} / {} / {} tokens{unk}",
             i.vocab_size, i.tokens[0], i.tokens[1], i.tokens[2]
         )
     }
@@ -778,7 +716,7 @@ fn capped(cfg: &DataConfig) -> bool {
 /// in training means the files do not belong together); training words left out of a capped
 /// vocabulary, and valid/test words a cap left out, are `<unk>` by design.
 fn unknown_as_unk(layout: &Layout, cfg: &DataConfig, split: Split) -> bool {
-    split == Split::Train || !layout.closed_vocabulary() || capped(cfg)
+    split == Split::Train || !layout.closed_vocabulary() || capped(cfg) || !cfg.tokenizer.is_word()
 }
 
 /// Fewest words a vocabulary may hold: as `model.vocab_size` (see `Config::validate`), or
@@ -851,7 +789,7 @@ pub fn batches_of(
     })
 }
 
-/// The one check that a checkpoint's vocabulary is the one a corpus gives.
+/// The one check that a checkpoint's vocabulary (of any tokenizer) is the one a corpus gives.
 pub fn check_vocab(corpus: &Vocab, checkpoint_vocab: &Vocab, train_file: &Path, checkpoint: &Path) -> Result<()> {
     if corpus != checkpoint_vocab {
         bail!(
@@ -871,6 +809,9 @@ pub struct Batches {
     targets: Tensor,
     bptt: i64,
     len: usize,
+    /// Tokens between the starts of two streams, and the first stream held (a shard's).
+    jump: i64,
+    first_stream: i64,
 }
 
 impl Batches {
@@ -896,7 +837,7 @@ impl Batches {
                 .contiguous()
                 .to_device(device)
         };
-        Ok(Batches { inputs: streams(0), targets: streams(1), bptt, len: len as usize })
+        Ok(Batches { inputs: streams(0), targets: streams(1), bptt, len: len as usize, jump, first_stream: 0 })
     }
 
     /// The streams `[start, start + len)` only (a data-parallel rank's share).
@@ -906,7 +847,22 @@ impl Batches {
             targets: self.targets.narrow(1, start, len).contiguous(),
             bptt: self.bptt,
             len: self.len,
+            jump: self.jump,
+            first_stream: self.first_stream + start,
         }
+    }
+
+    /// The characters the targets of every batch cover, `chars` being the count of each
+    /// token of the corpus the batches were cut from: stream `i`'s targets are tokens
+    /// `i * jump + 1 ..= i * jump + len * bptt`.
+    pub fn chars_scored(&self, chars: &[u32]) -> u64 {
+        let steps = self.len as i64 * self.bptt;
+        (self.first_stream..self.first_stream + self.batch_size())
+            .map(|i| {
+                let start = (i * self.jump + 1) as usize;
+                chars[start..start + steps as usize].iter().map(|&c| c as u64).sum::<u64>()
+            })
+            .sum()
     }
 
     /// Number of batches (the book's `max_iters`).

@@ -313,6 +313,11 @@ fn zero_grads(named: &[(String, Tensor)]) {
 /// Perplexity of the stream `ids` under dynamic evaluation with `s`. The model's weights are
 /// changed while it runs and put back at the end.
 pub fn perplexity(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) -> Result<f64> {
+    mean_loss(model, ids, stats, s).map(f64::exp)
+}
+
+/// The mean loss (nats per token) whose exp is [`perplexity`].
+pub fn mean_loss(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) -> Result<f64> {
     s.validate()?;
     let n = ids.len() as i64 - 1;
     if n < 1 {
@@ -365,7 +370,7 @@ pub fn perplexity(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) 
             p.shallow_clone().copy_(t0);
         }
     });
-    Ok((f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64).exp())
+    Ok(f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64)
 }
 
 /// Whether a dynamic evaluation's perplexity says the adaptation blew up: not finite, or

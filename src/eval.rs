@@ -2,13 +2,18 @@
 //! `eval_batch_size` parallel streams of `bptt` steps, exp of the mean batch loss), used for
 //! the corpus's splits; every token of a user's text file, in one stream from the start of a
 //! sentence; and the `ptb-lm eval` command.
+//!
+//! Beside every perplexity, bits per character ([`bits_per_char`]): the loss in nats of the
+//! tokens scored ÷ (ln 2 × the characters of text they cover, one per line end), so models
+//! of one text that read it as words, characters or BPE pieces compare on one number.
 
 use crate::checkpoint::Checkpoint;
 use crate::config::DataConfig;
-use crate::data::{self, Batches, Corpus, CorpusRecord, Split, EOS};
+use crate::data::{self, Batches, Corpus, CorpusRecord, Split};
 use crate::device;
 use crate::dynamic;
 use crate::model::LstmLm;
+use crate::text::Tokenizer;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,6 +22,18 @@ use tch::{Device, Kind, Tensor};
 /// Perplexity of `model` over `batches`, from a zero state, without dropout or gradients.
 /// Synchronises with the device once, at the end.
 pub fn perplexity(model: &LstmLm, batches: &Batches) -> f64 {
+    mean_loss(model, batches).exp()
+}
+
+/// Bits per character of a mean loss of `mean_loss` nats over `tokens` tokens that cover
+/// `chars` characters: `mean_loss · tokens / (ln 2 · chars)`. Where every token is one
+/// character, exactly `mean_loss / ln 2`.
+pub fn bits_per_char(mean_loss: f64, tokens: u64, chars: u64) -> f64 {
+    mean_loss * (tokens as f64 / chars as f64) / std::f64::consts::LN_2
+}
+
+/// The mean loss (nats per token) whose exp is [`perplexity`].
+pub fn mean_loss(model: &LstmLm, batches: &Batches) -> f64 {
     tch::no_grad(|| {
         let mut state = model.zero_state(batches.batch_size());
         let mut sum = Tensor::zeros([], (Kind::Double, batches.device()));
@@ -26,7 +43,7 @@ pub fn perplexity(model: &LstmLm, batches: &Batches) -> f64 {
             sum += LstmLm::loss(&f.logits, &y).to_kind(Kind::Double);
             state = f.state;
         }
-        (f64::try_from(&sum).unwrap_or(f64::NAN) / batches.len() as f64).exp()
+        f64::try_from(&sum).unwrap_or(f64::NAN) / batches.len() as f64
     })
 }
 
@@ -34,6 +51,11 @@ pub fn perplexity(model: &LstmLm, batches: &Batches) -> f64 {
 /// in chunks of `bptt` (the last one shorter): exp of the mean loss per token. Unlike the
 /// book's batching nothing is dropped, so a text of any length can be scored.
 pub fn perplexity_of_stream(model: &LstmLm, corpus: &[i64], bptt: i64, device: Device) -> f64 {
+    stream_loss(model, corpus, bptt, device).exp()
+}
+
+/// The mean loss (nats per token) whose exp is [`perplexity_of_stream`].
+pub fn stream_loss(model: &LstmLm, corpus: &[i64], bptt: i64, device: Device) -> f64 {
     let n = corpus.len() as i64 - 1;
     if n < 1 {
         return f64::NAN;
@@ -50,7 +72,7 @@ pub fn perplexity_of_stream(model: &LstmLm, corpus: &[i64], bptt: i64, device: D
             state = f.state;
             start += len;
         }
-        (f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64).exp()
+        f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64
     })
 }
 
@@ -72,6 +94,8 @@ pub struct CorpusPlace {
 pub struct EvalReport {
     pub name: String,
     pub ppl: f64,
+    /// Bits per character of the same tokens (see [`bits_per_char`]).
+    pub bpc: f64,
     pub tokens: i64,
     pub seconds: f64,
     /// What a reader should know about the number: caps applied, words read as `<unk>`,
@@ -119,7 +143,7 @@ pub fn run(
     let ckpt = Checkpoint::load(checkpoint)?;
     let cfg = &ckpt.meta.config;
     let device = device::resolve(choice)?;
-    let vocab = ckpt.vocab()?;
+    let tokenizer = ckpt.tokenizer()?;
     let recorded = ckpt.meta.corpus.as_ref();
     let elsewhere = DataConfig { dir: None, file: None, train: None, valid: None, test: None, ..cfg.data.clone() };
     let data = match (&place.dir, &place.file) {
@@ -128,21 +152,27 @@ pub fn run(
         (None, None) => recorded.map_or_else(|| cfg.data.clone(), |r| r.data.clone()),
     };
     let model = ckpt.model(device)?;
-    let scored = Scored::read(target, &data, &vocab, checkpoint, recorded)?;
+    let scored = Scored::read(target, &data, &tokenizer, checkpoint, recorded)?;
     if let Some(d) = dynamic {
-        return run_dynamic(&model, &ckpt, &data, &vocab, scored, d);
+        return run_dynamic(&model, &ckpt, &data, &tokenizer, scored, d);
     }
     let start = Instant::now();
-    let (ppl, tokens) = match scored.split {
+    let (loss, tokens, chars) = match scored.split {
         Some(split) => {
             let file = data::Layout::of(&data)?.file(split);
             let batch =
                 batch_size.map_or((cfg.train.eval_batch_size, "train.eval_batch_size"), |b| (b, "--batch-size"));
             let batches = data::batches_of(&scored.ids, split, &file, scored.limit, batch, cfg.train.bptt, device)?;
-            (perplexity(&model, &batches), batches.len() as i64 * batches.tokens_per_batch())
+            let tokens = batches.len() as i64 * batches.tokens_per_batch();
+            (mean_loss(&model, &batches), tokens, batches.chars_scored(&scored.chars))
         }
-        None => (perplexity_of_stream(&model, &scored.ids, cfg.train.bptt, device), scored.ids.len() as i64 - 1),
+        None => (
+            stream_loss(&model, &scored.ids, cfg.train.bptt, device),
+            scored.ids.len() as i64 - 1,
+            scored.stream_chars(),
+        ),
     };
+    let (ppl, bpc) = (loss.exp(), bits_per_char(loss, tokens as u64, chars));
     let seconds = start.elapsed().as_secs_f64();
     if !ppl.is_finite() {
         bail!("{}: the perplexity of {} is {ppl}: these weights cannot be trusted", checkpoint.display(), scored.name);
@@ -150,6 +180,7 @@ pub fn run(
     Ok(EvalReport {
         name: scored.name,
         ppl,
+        bpc,
         tokens,
         seconds,
         notes: scored.notes,
@@ -162,55 +193,71 @@ pub fn run(
 struct Scored {
     name: String,
     ids: Vec<i64>,
+    /// Characters each token covers.
+    chars: Vec<u32>,
     /// The split they come from (None: a user's file, which starts with `<eos>`).
     split: Option<Split>,
     limit: Option<usize>,
     notes: Vec<String>,
 }
 
-fn unk_note(n: usize) -> String {
-    format!("{n} word{} read as <unk>", if n == 1 { "" } else { "s" })
+fn unk_note(n: usize, unit: &str) -> String {
+    format!("{n} {unit}{} read as <unk>", if n == 1 { "" } else { "s" })
 }
 
 impl Scored {
     fn read(
         target: &Target,
         data: &DataConfig,
-        vocab: &data::Vocab,
+        tokenizer: &Tokenizer,
         checkpoint: &Path,
         recorded: Option<&CorpusRecord>,
     ) -> Result<Scored> {
         let mut notes = Vec::new();
         match target {
             Target::Split(split) => {
-                let (ids, replaced) = Corpus::load_split(data, *split, vocab, checkpoint, recorded)?;
+                let mut e = Corpus::load_split(data, *split, tokenizer, checkpoint, recorded)?;
                 let limit = data::token_limit(data, *split);
-                if let Some(n) = limit.filter(|&n| n < ids.len()) {
+                if let Some(n) = limit.filter(|&n| n < e.ids.len()) {
                     notes.push(format!("its first {n} tokens, as data.{split}_tokens of the checkpoint's config"));
+                    e.truncate(n);
                 }
-                let ids = data::truncate(&ids, limit).to_vec();
                 // Only the words among the tokens scored.
-                let replaced = replaced.iter().filter(|&&i| i < ids.len()).count();
-                if replaced > 0 {
-                    notes.push(unk_note(replaced));
+                if !e.unknown.is_empty() {
+                    notes.push(unk_note(e.unknown.len(), tokenizer.unit()));
                 }
-                Ok(Scored { name: split.to_string(), ids, split: Some(*split), limit, notes })
+                Ok(Scored { name: split.to_string(), ids: e.ids, chars: e.chars, split: Some(*split), limit, notes })
             }
             Target::File { path, allow_unk } => {
                 let text = data::normalise(data::read_text(path)?, data);
-                let (mut ids, replaced) = vocab.encode_counted(&text, path, *allow_unk)?;
-                if ids.is_empty() || !ids.iter().any(|&t| Some(t) != vocab.id(EOS)) {
-                    bail!("{}: no words to score", path.display());
+                let mut e = tokenizer.encode(&text, path, *allow_unk)?;
+                let eos = tokenizer.eos()?;
+                if !e.ids.iter().any(|&t| t != eos) {
+                    let what = if tokenizer.kind().is_word() { "words" } else { "text" };
+                    bail!("{}: no {what} to score", path.display());
                 }
-                if replaced > 0 {
-                    notes.push(unk_note(replaced));
+                if !e.unknown.is_empty() {
+                    notes.push(unk_note(e.unknown.len(), tokenizer.unit()));
                 }
-                // Scored from the start of a sentence, as in training: the first word after <eos>.
-                let eos = vocab.id(EOS).context("the vocabulary has no <eos>")?;
-                ids.insert(0, eos);
-                Ok(Scored { name: path.display().to_string(), ids, split: None, limit: None, notes })
+                // Scored from the start of a sentence, as in training: the first word after <eos>
+                // (which is read, not scored).
+                e.ids.insert(0, eos);
+                e.chars.insert(0, 1);
+                Ok(Scored {
+                    name: path.display().to_string(),
+                    ids: e.ids,
+                    chars: e.chars,
+                    split: None,
+                    limit: None,
+                    notes,
+                })
             }
         }
+    }
+
+    /// The characters of every token but the first: those a stream scores.
+    fn stream_chars(&self) -> u64 {
+        self.chars.iter().skip(1).map(|&c| c as u64).sum()
     }
 }
 
@@ -221,7 +268,7 @@ fn run_dynamic(
     model: &LstmLm,
     ckpt: &Checkpoint,
     data: &DataConfig,
-    vocab: &data::Vocab,
+    tokenizer: &Tokenizer,
     scored: Scored,
     opts: &DynamicOptions,
 ) -> Result<EvalReport> {
@@ -230,8 +277,8 @@ fn run_dynamic(
     // The training tokens the model was trained on (`data.train_tokens` of its config).
     let read_train = || {
         let limit = data::token_limit(data, Split::Train);
-        let read = Corpus::load_split(data, Split::Train, vocab, &ckpt.dir, recorded);
-        read.map(|(ids, _)| data::truncate(&ids, limit).to_vec()).map_err(|e| {
+        let read = Corpus::load_split(data, Split::Train, tokenizer, &ckpt.dir, recorded);
+        read.map(|e| data::truncate(&e.ids, limit).to_vec()).map_err(|e| {
             anyhow::anyhow!(
                 "{e:#}; dynamic evaluation computes its gradient statistics on the training split \
                  (none saved in {} are for these weights and settings)",
@@ -283,7 +330,7 @@ fn run_dynamic(
     let mut search = Vec::new();
     let mut search_tokens = 0;
     if opts.search {
-        let (valid, _) = Corpus::load_split(data, Split::Valid, vocab, &ckpt.dir, recorded)?;
+        let valid = Corpus::load_split(data, Split::Valid, tokenizer, &ckpt.dir, recorded)?.ids;
         // The first token is read, not scored: `search_tokens` predictions.
         let valid = &valid[..valid.len().min(opts.search_tokens + 1)];
         search_tokens = valid.len().saturating_sub(1);
@@ -295,7 +342,7 @@ fn run_dynamic(
         for point in settings.grid() {
             search.push((point, dynamic::perplexity(model, valid, &stats, &point)?));
         }
-        let vocab_size = vocab.len() as i64;
+        let vocab_size = tokenizer.len() as i64;
         let sound = search.iter().filter(|p| !dynamic::diverged(p.1, vocab_size));
         let Some(best) = sound.min_by(|a, b| a.1.total_cmp(&b.1)) else {
             bail!(
@@ -306,22 +353,28 @@ fn run_dynamic(
         };
         settings = best.0;
     }
-    let static_ppl = perplexity_of_stream(model, &scored.ids, settings.bptt, model.device());
+    let static_loss = stream_loss(model, &scored.ids, settings.bptt, model.device());
+    let static_ppl = static_loss.exp();
     let start = Instant::now();
-    let ppl = dynamic::perplexity(model, &scored.ids, &stats, &settings)?;
+    let loss = dynamic::mean_loss(model, &scored.ids, &stats, &settings)?;
+    let ppl = loss.exp();
     let seconds = start.elapsed().as_secs_f64();
-    if dynamic::diverged(ppl, vocab.len() as i64) {
+    let (tokens, chars) = (scored.ids.len() as u64 - 1, scored.stream_chars());
+    if dynamic::diverged(ppl, tokenizer.len() as i64) {
         let or_search = if opts.search { "" } else { ", or let --dynamic-search choose" };
         bail!(
             "dynamic evaluation diverged on {} ({}): perplexity {ppl:.4e}, worse than a uniform guess over the {} \
              words; use a smaller --dyn-lr or a larger --dyn-epsilon{or_search}",
             scored.name,
             settings.describe(),
-            vocab.len()
+            tokenizer.len()
         );
     }
     let mut notes = scored.notes;
-    notes.push(format!("static, one stream: {static_ppl:.4}"));
+    notes.push(format!(
+        "static, one stream: {static_ppl:.4} (bits per character {:.4})",
+        bits_per_char(static_loss, tokens, chars)
+    ));
     if ppl > static_ppl * (1.0 + 1e-9) {
         let or_search = if opts.search { "" } else { ", or --dynamic-search" };
         notes.push(format!("dynamic evaluation made it worse: try a smaller --dyn-lr{or_search}"));
@@ -331,6 +384,7 @@ fn run_dynamic(
     Ok(EvalReport {
         name: format!("{} (dynamic: {})", scored.name, settings.describe()),
         ppl,
+        bpc: bits_per_char(loss, tokens, chars),
         tokens: scored.ids.len() as i64 - 1,
         seconds,
         notes,

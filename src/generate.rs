@@ -1,9 +1,12 @@
-//! Text generation: the stateful model reads the prompt, then samples one word at a time,
-//! feeding each back in (the book's `RnnlmGen.generate`, with temperature and top-k).
+//! Text generation: the stateful model reads the prompt, then samples one token (a word, a
+//! character or a BPE piece, as the checkpoint's tokenizer reads text: [`crate::text`]) at a
+//! time, feeding each back in (the book's `RnnlmGen.generate`, with temperature and top-k).
 //!
 //! The prompt is spelled as the checkpoint's corpus was ([`Spelling`]): lower-cased where the
 //! corpus was (`data.lowercase`), PTB's conventions (lower case, numbers as `N`) only for PTB,
-//! and a word the vocabulary lacks is read as `<unk>` and named in a warning. The model reads
+//! and a word the vocabulary lacks is read as `<unk>` and named in a warning. A character or
+//! BPE model reads the prompt as raw text (spaces, capitals, punctuation kept; a line break
+//! is `<eos>`) and writes decoded text: no spaces put between characters. The model reads
 //! it without its decoder ([`LstmLm::read`], a piece at a time), so a prompt of any length
 //! costs the memory of one piece; only its last word is scored.
 //!
@@ -17,6 +20,7 @@
 use crate::config::{DataConfig, DEFAULT_DATA_DIR};
 use crate::data::{Layout, Vocab, EOS, UNK};
 use crate::model::{LstmLm, State};
+use crate::text::Tokenizer;
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -30,7 +34,8 @@ pub const TEMPERATURE_RANGE: (f64, f64) = (1e-3, 1e3);
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
-    /// Words to generate per sample (at most, with `until_eos`).
+    /// Tokens (words, characters, BPE pieces) to generate per sample (at most, with
+    /// `until_eos`).
     pub words: usize,
     /// Softmax temperature; 0 picks the most likely word every time.
     pub temperature: f64,
@@ -113,6 +118,8 @@ pub struct Prompt {
     ids: Vec<i64>,
     /// The prompt's words as the user wrote them.
     shown: Vec<String>,
+    /// A character or BPE model's prompt: the text as the user wrote it (shown as it is).
+    raw: Option<String>,
     /// Prompt words that are not in the vocabulary (they are read as `<unk>`).
     pub unknown: Vec<String>,
     /// Why unknown words may be spelled otherwise in the corpus (see [`Spelling`]).
@@ -156,7 +163,7 @@ pub fn read_prompt(vocab: &Vocab, prompt: &str, spelling: &Spelling, source: &st
     let eos = vocab.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
     let unk = vocab.id(UNK);
     let note = spelling.undetermined.clone();
-    let mut p = Prompt { ids: Vec::new(), shown: Vec::new(), unknown: Vec::new(), note };
+    let mut p = Prompt { ids: Vec::new(), shown: Vec::new(), raw: None, unknown: Vec::new(), note };
     for w in prompt.split_whitespace() {
         let spelled = if spelling.lowercase { w.to_lowercase() } else { w.to_string() };
         match (lookup(vocab, &spelled, spelling), unk) {
@@ -179,6 +186,28 @@ pub fn read_prompt(vocab: &Vocab, prompt: &str, spelling: &Spelling, source: &st
         p.ids.push(eos);
     }
     Ok(p)
+}
+
+/// Reads `prompt` with the checkpoint's tokenizer: words as [`read_prompt`] reads them; for a
+/// character or BPE model, the raw text, each line break `<eos>` (an empty prompt: `<eos>`
+/// alone), a character the vocabulary lacks read as `<unk>` and named in the warning.
+pub fn read_prompt_with(tokenizer: &Tokenizer, prompt: &str, spelling: &Spelling, source: &str) -> Result<Prompt> {
+    if let Tokenizer::Word(vocab) = tokenizer {
+        return read_prompt(vocab, prompt, spelling, source);
+    }
+    let spelled = if spelling.lowercase { prompt.to_lowercase() } else { prompt.to_string() };
+    let mut e = tokenizer.encode(&spelled, Path::new(source), true)?;
+    let eos = tokenizer.eos()?;
+    // encode ends every line with <eos>; the prompt's last line ends only where it is ended.
+    if !spelled.ends_with('\n') && e.ids.last() == Some(&eos) {
+        e.ids.pop();
+    }
+    let pieces: Vec<&str> = crate::text::char::tokens(&spelled).collect();
+    let unknown = e.unknown.iter().map(|&i| pieces.get(i).copied().unwrap_or("?").to_string()).collect();
+    if e.ids.is_empty() {
+        e.ids.push(eos);
+    }
+    Ok(Prompt { ids: e.ids, shown: Vec::new(), raw: Some(prompt.to_string()), unknown, note: None })
 }
 
 /// The text of `--prompt-file`: the file `path`, or standard input for `-`; UTF-8, a leading
@@ -292,46 +321,60 @@ fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
     Vec::<f32>::try_from(&last).context("reading the model's output")
 }
 
-/// Writes `opts.samples` samples to `out`, each the prompt and then the generated words,
+/// Writes `opts.samples` samples to `out`, each the prompt and then the generated text,
 /// separated by a blank line; `<eos>` becomes a line break (none is written at a sample's
-/// end). Each word is flushed as it is drawn.
+/// end). Each token is flushed as it is drawn (a BPE piece that ends inside a character,
+/// with the piece that completes it).
 pub fn generate(
     model: &LstmLm,
-    vocab: &Vocab,
+    tokenizer: &Tokenizer,
     prompt: &Prompt,
     opts: &GenerateOptions,
     out: &mut impl Write,
 ) -> Result<()> {
     opts.validate()?;
-    let eos = vocab.id(EOS).with_context(|| format!("the vocabulary has no {EOS}"))?;
-    let banned = if opts.allow_unk { None } else { vocab.id(UNK) };
+    let eos = tokenizer.eos()?;
+    let banned = if opts.allow_unk { None } else { tokenizer.unk() };
     let device = model.device();
     let (prompt_logits, prompt_state) = read_ids(model, &prompt.ids)?;
     for s in 0..opts.samples {
         if s > 0 {
             out.write_all(b"\n\n")?;
         }
-        out.write_all(prompt.shown.join(" ").as_bytes())?;
+        let line_start = match &prompt.raw {
+            Some(raw) => {
+                out.write_all(raw.as_bytes())?;
+                raw.is_empty() || raw.ends_with('\n')
+            }
+            None => {
+                out.write_all(prompt.shown.join(" ").as_bytes())?;
+                prompt.shown.is_empty()
+            }
+        };
         out.flush()?;
         let mut rng = sample_rng(opts.seed, s);
         let mut logits = prompt_logits.clone();
         let mut state: State = prompt_state.shallow_clone();
-        let mut line_start = prompt.shown.is_empty();
+        let mut decoder = tokenizer.decoder(line_start);
         let mut newlines = 0;
+        let mut write = |text: String, newlines: &mut usize| -> Result<()> {
+            if !text.is_empty() {
+                write!(out, "{}{text}", "\n".repeat(*newlines))?;
+                out.flush()?;
+                *newlines = 0;
+            }
+            Ok(())
+        };
         for _ in 0..opts.words {
             let next = draw(&next_word_distribution(&logits, opts.temperature, opts.top_k, banned), &mut rng);
             if next == eos {
+                write(decoder.line_end(), &mut newlines)?;
                 if opts.until_eos {
                     break;
                 }
                 newlines += 1;
-                line_start = true;
             } else {
-                let sep = if line_start { "" } else { " " };
-                write!(out, "{}{sep}{}", "\n".repeat(newlines), vocab.word(next))?;
-                out.flush()?;
-                newlines = 0;
-                line_start = false;
+                write(decoder.piece(next), &mut newlines)?;
             }
             let f = tch::no_grad(|| {
                 model.forward(&Tensor::from_slice(&[next]).view([1, 1]).to_device(device), &state, false)
@@ -339,6 +382,7 @@ pub fn generate(
             logits = last_logits(&f.logits)?;
             state = f.state;
         }
+        write(decoder.finish(), &mut newlines)?;
     }
     out.write_all(b"\n")?;
     out.flush()?;

@@ -1,7 +1,8 @@
 //! ptb-lm: word-level LSTM language models on the Penn Treebank, trained with libtorch.
 //!
 //! * [`config`]: the TOML run configuration and its checks
-//! * [`data`]: PTB vocabulary, corpus and the book's stateful batching
+//! * [`data`]: corpus files, splits and the book's stateful batching
+//! * [`text`]: the tokenizers (word, character, byte-level BPE): text <-> token ids
 //! * [`model`]: the LSTM language model
 //! * [`step`]: one training step (eager or replayed from a CUDA graph)
 //! * [`train`]: the epoch loop, learning-rate schedule, resume and NaN recovery
@@ -35,4 +36,5 @@ pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod step;
+pub mod text;
 pub mod train;

@@ -113,7 +113,8 @@ struct EvalArgs {
     /// A text file (one sentence per line) instead of a PTB split
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
-    /// Read words missing from the vocabulary as <unk> (with --file; the count is shown)
+    /// Read words (or characters) missing from the vocabulary as <unk> (with --file; the
+    /// count is shown)
     #[arg(long, requires = "file")]
     allow_unk: bool,
     /// Corpus directory, if it is no longer where training read it (the files must be the
@@ -171,16 +172,21 @@ struct GenerateArgs {
     /// Checkpoint directory, e.g. runs/better/best
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
-    /// Words the model reads before sampling (empty: start a new sentence)
+    /// Text the model reads before sampling (empty: start a new sentence); a character or BPE
+    /// model reads it as it is written, spaces and capitals kept
     #[arg(long, default_value = "")]
     prompt: String,
     /// Read the prompt from FILE instead (`-`: standard input), for prompts too long for the
     /// command line: words separated by any whitespace, line breaks included, as in --prompt
     #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
     prompt_file: Option<PathBuf>,
-    /// Words to generate per sample
-    #[arg(long, default_value_t = 100)]
-    words: usize,
+    /// Tokens to generate per sample: words, characters or BPE pieces, as the model reads
+    /// text (default 100)
+    #[arg(long, value_name = "N")]
+    tokens: Option<usize>,
+    /// Words to generate per sample: --tokens, for a word model
+    #[arg(long, value_name = "N", conflicts_with = "tokens")]
+    words: Option<usize>,
     /// Softmax temperature (0: always the most likely word)
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
@@ -294,7 +300,9 @@ fn run_train(args: TrainArgs) -> Result<()> {
     };
     use std::io::Write;
     let _ = match outcome {
-        train::Outcome::Finished(s) if args.quiet => writeln!(std::io::stdout(), "test perplexity: {:.4}", s.test_ppl),
+        train::Outcome::Finished(s) if args.quiet => {
+            writeln!(std::io::stdout(), "test perplexity: {:.4} | bits per character: {:.4}", s.test_ppl, s.test_bpc)
+        }
         train::Outcome::Finished(_) | train::Outcome::Worker => Ok(()),
         train::Outcome::Stopped(p) => writeln!(std::io::stdout(), "{p}"),
     };
@@ -330,9 +338,10 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let notes: String = r.notes.iter().map(|n| format!("; {n}")).collect();
     writeln!(
         out,
-        "{} perplexity: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s{notes})",
+        "{} perplexity: {:.4} | bits per character: {:.4} ({} tokens, {:.1} s, {:.0} tokens/s{notes})",
         r.name,
         r.ppl,
+        r.bpc,
         r.tokens,
         r.seconds,
         r.tokens as f64 / r.seconds.max(1e-9)
@@ -343,7 +352,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let opts = generate::GenerateOptions {
-        words: args.words,
+        words: args.tokens.or(args.words).unwrap_or(100),
         temperature: args.temperature,
         top_k: args.top_k,
         seed: args.seed,
@@ -361,14 +370,21 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let model = ckpt.model(device::resolve(args.device)?)?;
-    let vocab = ckpt.vocab()?;
+    let tokenizer = ckpt.tokenizer()?;
+    if args.words.is_some() && !tokenizer.kind().is_word() {
+        anyhow::bail!(
+            "--words: this model reads text as {}s (data.tokenizer = \"{}\"), not words; give the length as --tokens N",
+            tokenizer.unit(),
+            tokenizer.kind().name()
+        );
+    }
     let spelling = generate::Spelling::of_checkpoint(&ckpt.meta);
-    let prompt = generate::read_prompt(&vocab, &text, &spelling, &source)?;
+    let prompt = generate::read_prompt_with(&tokenizer, &text, &spelling, &source)?;
     if let Some(warning) = prompt.warning() {
         eprintln!("{warning}");
     }
     let mut out = stdout();
-    generate::generate(&model, &vocab, &prompt, &opts, &mut out)?;
+    generate::generate(&model, &tokenizer, &prompt, &opts, &mut out)?;
     out.flush()?;
     Ok(())
 }

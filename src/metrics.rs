@@ -15,6 +15,12 @@ pub struct EpochRecord {
     /// exp(mean training loss over the epoch's batches), dropout on.
     pub train_ppl: f64,
     pub valid_ppl: f64,
+    /// Bits per character beside each perplexity (see [`crate::eval::bits_per_char`]);
+    /// absent in the records of older ptb-lm versions.
+    #[serde(default)]
+    pub train_bpc: Option<f64>,
+    #[serde(default)]
+    pub valid_bpc: Option<f64>,
     /// Training tokens per second (evaluation excluded).
     pub tokens_per_s: f64,
     /// Training seconds (evaluation excluded).

@@ -42,10 +42,10 @@ impl Reporter {
         self.bar = Some(bar);
     }
 
-    pub fn update(&self, done: usize, ppl: f64, lr: f64, tokens_per_s: f64) {
+    pub fn update(&self, done: usize, ppl: f64, bpc: f64, lr: f64, tokens_per_s: f64) {
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
-            bar.set_message(format!("ppl {ppl:.2} | lr {lr:.4} | {:.1}k tok/s", tokens_per_s / 1000.0));
+            bar.set_message(format!("ppl {ppl:.2} | bpc {bpc:.3} | lr {lr:.4} | {:.1}k tok/s", tokens_per_s / 1000.0));
         }
     }
 

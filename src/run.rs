@@ -206,7 +206,7 @@ impl RunDir {
 /// files of a save of them that was cut: `.gradstats.*.tmp`).
 fn only_checkpoint_files(dir: &Path) -> bool {
     let [stats, stats_meta] = crate::dynamic::GradStats::FILES;
-    let allowed = [checkpoint::WEIGHTS, checkpoint::STATE, checkpoint::META, stats, stats_meta];
+    let allowed = [checkpoint::WEIGHTS, checkpoint::STATE, checkpoint::META, checkpoint::TOKENIZER, stats, stats_meta];
     let ours = |name: &std::ffi::OsStr| {
         let name = name.to_string_lossy();
         allowed.iter().any(|a| name == *a) || (name.starts_with(".gradstats.") && name.ends_with(".tmp"))

@@ -203,7 +203,10 @@ pub struct Summary {
     pub epochs: Vec<EpochRecord>,
     pub best_epoch: Option<usize>,
     pub best_valid_ppl: Option<f64>,
+    /// Bits per character beside each perplexity (see [`eval::bits_per_char`]).
+    pub best_valid_bpc: Option<f64>,
     pub test_ppl: f64,
+    pub test_bpc: f64,
     pub test_seconds: f64,
     pub train_seconds: f64,
 }
@@ -213,7 +216,7 @@ pub struct Summary {
 pub fn train(mut cfg: Config, opts: &TrainOptions, stop: &AtomicBool) -> Result<Outcome> {
     let device = device::resolve(cfg.run.device)?;
     let run = RunDir::new(&cfg.run.out_dir);
-    let corpus = load_corpus(&mut cfg, None, None)?;
+    let corpus = load_corpus(&mut cfg, None, None, None)?;
     let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
     let group = join_group(&cfg, device)?;
@@ -300,7 +303,11 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
     let recorded = ckpt.meta.corpus.as_ref();
     let moved = cfg.data != ckpt.meta.config.data;
     let source = recorded.filter(|_| !moved).map(|r| &r.data);
-    let corpus = load_corpus(&mut cfg, source, recorded.map(|r| (r, last.as_path())))?;
+    // A BPE tokenizer is the checkpoint's (learning it again is slow, and needless: the text
+    // is checked to be the same); words and characters are read again and compared.
+    let tokenizer = ckpt.tokenizer()?;
+    let given = matches!(tokenizer, crate::text::Tokenizer::Bpe(_)).then_some(tokenizer);
+    let corpus = load_corpus(&mut cfg, source, recorded.map(|r| (r, last.as_path())), given)?;
     data::check_vocab(&corpus.vocab, &ckpt.vocab()?, &corpus.file(Split::Train), &last)?;
     let splits = Splits::new(&corpus, &cfg, device)?;
     check_memory(&cfg, device)?;
@@ -365,8 +372,9 @@ fn load_corpus(
     cfg: &mut Config,
     source: Option<&crate::config::DataConfig>,
     recorded: Option<(&data::CorpusRecord, &Path)>,
+    tokenizer: Option<crate::text::Tokenizer>,
 ) -> Result<Corpus> {
-    let corpus = Corpus::load_recorded(source.unwrap_or(&cfg.data), recorded)?;
+    let corpus = Corpus::load_with(source.unwrap_or(&cfg.data), recorded, tokenizer)?;
     let n = corpus.vocab.len() as i64;
     match cfg.model.vocab_size {
         None => cfg.model.vocab_size = Some(n),
@@ -405,17 +413,28 @@ struct Splits {
     train: Batches,
     valid: Batches,
     test: Batches,
+    /// (tokens, characters) the batches of train (all ranks'), valid and test score.
+    scored: [(u64, u64); 3],
+}
+
+impl Splits {
+    /// Bits per character of a mean loss over split `i`'s batches (0 train, 1 valid, 2 test).
+    fn bpc(&self, i: usize, mean_loss: f64) -> f64 {
+        let (tokens, chars) = self.scored[i];
+        eval::bits_per_char(mean_loss, tokens, chars)
+    }
 }
 
 impl Splits {
     fn new(corpus: &Corpus, cfg: &Config, device: Device) -> Result<Splits> {
         let t = &cfg.train;
         let (train, eval) = ((t.batch_size, "train.batch_size"), (t.eval_batch_size, "train.eval_batch_size"));
-        Ok(Splits {
-            train: corpus.batches(Split::Train, &cfg.data, train, t.bptt, device)?,
-            valid: corpus.batches(Split::Valid, &cfg.data, eval, t.bptt, device)?,
-            test: corpus.batches(Split::Test, &cfg.data, eval, t.bptt, device)?,
-        })
+        let [train, valid, test] = [(Split::Train, train), (Split::Valid, eval), (Split::Test, eval)]
+            .map(|(split, batch)| corpus.batches(split, &cfg.data, batch, t.bptt, device));
+        let (train, valid, test) = (train?, valid?, test?);
+        let scored = [(&train, Split::Train), (&valid, Split::Valid), (&test, Split::Test)]
+            .map(|(b, split)| ((b.len() as i64 * b.tokens_per_batch()) as u64, b.chars_scored(corpus.chars(split))));
+        Ok(Splits { train, valid, test, scored })
     }
 }
 
@@ -746,9 +765,9 @@ impl Session {
         let (before, e0) = *last;
         if now.batch > before.batch && now.counted > before.counted {
             let batches = (now.counted - before.counted) as f64;
-            let ppl = ((now.loss_sum - before.loss_sum) / batches).exp();
+            let loss = (now.loss_sum - before.loss_sum) / batches;
             let speed = batches * self.tokens_per_batch() / (elapsed - e0).max(1e-9);
-            self.reporter.update(now.batch, ppl, self.schedule.lr, speed);
+            self.reporter.update(now.batch, loss.exp(), self.splits.bpc(0, loss), self.schedule.lr, speed);
             if !self.projected && (elapsed >= PROJECT_AFTER_S || epoch_end) {
                 self.projected = true;
                 self.project(speed);
@@ -826,9 +845,10 @@ impl Session {
     fn end_epoch(&mut self) -> Result<()> {
         self.reporter.finish();
         let epoch = self.pos.epoch;
-        let train_ppl = (self.pos.loss_sum / self.pos.loss_batches.max(1) as f64).exp();
+        let train_loss = self.pos.loss_sum / self.pos.loss_batches.max(1) as f64;
+        let train_ppl = train_loss.exp();
         let lr_used = self.schedule.lr;
-        let (valid_ppl, valid_seconds) = self.validate()?;
+        let (valid_ppl, valid_bpc, valid_seconds) = self.validate()?;
         let averaging = self.step.averaging();
         let start_averaging = self.cfg.train.asgd
             && !averaging
@@ -848,6 +868,8 @@ impl Session {
             lr: lr_used,
             train_ppl,
             valid_ppl,
+            train_bpc: Some(self.splits.bpc(0, train_loss)),
+            valid_bpc: Some(valid_bpc),
             tokens_per_s: (self.pos.loss_batches as f64 * self.tokens_per_batch()) / self.pos.seconds.max(1e-9),
             seconds: self.pos.seconds,
             valid_seconds,
@@ -874,13 +896,14 @@ impl Session {
         Ok(())
     }
 
-    /// Validation perplexity (of the averaged weights under averaged SGD) and its seconds;
-    /// a diverged one is an error, before anything of the epoch is saved.
-    fn validate(&mut self) -> Result<(f64, f64)> {
+    /// Validation perplexity and bits per character (of the averaged weights under averaged
+    /// SGD) and its seconds; a diverged one is an error, before anything of the epoch is saved.
+    fn validate(&mut self) -> Result<(f64, f64, f64)> {
         let t = Instant::now();
         let valid_b = &self.splits.valid;
-        let valid_ppl = self.step.with_averaged(|m| eval::perplexity(m, valid_b));
-        let valid_ppl = self.leaders_value(valid_ppl)?;
+        let valid_loss = self.step.with_averaged(|m| eval::mean_loss(m, valid_b));
+        let valid_loss = self.leaders_value(valid_loss)?;
+        let valid_ppl = valid_loss.exp();
         if diverged(valid_ppl.ln(), self.vocab_size()) {
             bail!(
                 "epoch {}: the validation perplexity is {valid_ppl} although training was sound (the weights \
@@ -891,7 +914,7 @@ impl Session {
                 self.run.root.display()
             );
         }
-        Ok((valid_ppl, t.elapsed().as_secs_f64()))
+        Ok((valid_ppl, self.splits.bpc(1, valid_loss), t.elapsed().as_secs_f64()))
     }
 
     /// Appends the epoch to metrics.jsonl and redraws the plot.
@@ -918,11 +941,13 @@ impl Session {
             String::new()
         };
         format!(
-            "epoch {:>3} | lr {:>8.4} | train ppl {:>9.2} | valid ppl {:>9.2} | {:>6.1}k tok/s | {:>6.1} s{}{}{eta}",
+            "epoch {:>3} | lr {:>8.4} | train ppl {:>9.2} | valid ppl {:>9.2} | valid bpc {:>6.3} | {:>6.1}k tok/s \
+             | {:>6.1} s{}{}{eta}",
             record.epoch,
             record.lr,
             record.train_ppl,
             record.valid_ppl,
+            record.valid_bpc.unwrap_or(f64::NAN),
             record.tokens_per_s / 1000.0,
             record.seconds,
             if record.improved { " | best" } else { "" },
@@ -962,7 +987,7 @@ impl Session {
         let weights = self.step.averaged_named().unwrap_or_else(|| self.step.model.named_parameters());
         let mut meta = self.meta(Some(valid_ppl), None);
         meta.epoch += 1;
-        checkpoint::save(&self.run.best(), &meta, &weights, &[])
+        checkpoint::save_with(&self.run.best(), &meta, &weights, &[], &self.corpus.tokenizer.files())
     }
 
     fn save_last(&mut self, valid_ppl: Option<f64>) -> Result<()> {
@@ -973,7 +998,8 @@ impl Session {
             return Ok(());
         }
         let meta = self.meta(valid_ppl, Some(self.pos.clone()));
-        checkpoint::save(&self.run.last(), &meta, &self.step.model.named_parameters(), &state)
+        let files = self.corpus.tokenizer.files();
+        checkpoint::save_with(&self.run.last(), &meta, &self.step.model.named_parameters(), &state, &files)
     }
 
     fn finish(self) -> Result<Summary> {
@@ -987,7 +1013,8 @@ impl Session {
         let best = Checkpoint::load(&self.run.best())?;
         let model = best.model(self.device)?;
         let t = Instant::now();
-        let test_ppl = eval::perplexity(&model, &self.splits.test);
+        let test_loss = eval::mean_loss(&model, &self.splits.test);
+        let test_ppl = test_loss.exp();
         let summary = Summary {
             run_dir: self.run.root.clone(),
             device: device::name(self.device),
@@ -995,16 +1022,19 @@ impl Session {
             epochs: self.records.clone(),
             best_epoch: Some(best.meta.epoch),
             best_valid_ppl: self.schedule.best,
+            best_valid_bpc: self.schedule.best.map(|p| self.splits.bpc(1, p.ln())),
             test_ppl,
+            test_bpc: self.splits.bpc(2, test_loss),
             test_seconds: t.elapsed().as_secs_f64(),
             train_seconds: self.records.iter().map(|r| r.seconds + r.valid_seconds).sum(),
         };
         crate::fsutil::write_atomic(&self.run.summary(), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         self.reporter.line(&format!(
-            "best valid ppl {:.2} (epoch {}) | test ppl {:.2} | checkpoint {}",
+            "best valid ppl {:.2} (epoch {}) | test ppl {:.2} | test bpc {:.4} | checkpoint {}",
             summary.best_valid_ppl.unwrap_or(f64::NAN),
             best.meta.epoch,
             test_ppl,
+            summary.test_bpc,
             self.run.best().display()
         ));
         Ok(summary)
