@@ -681,7 +681,7 @@ impl Corpus {
         };
         let how = match i.tokenizer {
             TokenizerKind::Word => String::new(),
-            TokenizerKind::Char => " (characters)".to_string(),
+            TokenizerKind::Char => String::new(),
             TokenizerKind::Bpe => " (byte-level BPE)".to_string(),
         };
         format!(
