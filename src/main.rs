@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ptb-lm", version, about = "Word-level LSTM language models on the Penn Treebank")]
+#[command(name = "ptb-lm", version, about = "Word-level LSTM, GRU and RNN language models on the Penn Treebank")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
