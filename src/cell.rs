@@ -76,18 +76,16 @@ impl Cell {
     }
 
     /// Runs `layers` stacked layers of the cell over `input` (T, B, in), time-major, from
-    /// the hidden state `h` (layers, B, H) and, for the LSTM, the cell state `c` (the same
+    /// `(h, c)`: the hidden state (layers, B, H) and, for the LSTM, the cell state (the same
     /// shape; ignored by the other cells). `weights` holds each layer's
     /// `[weight_ih, weight_hh, bias_ih, bias_hh]` in turn. `dropout` applies between layers
     /// (cuDNN draws it on CUDA). Returns the last layer's output (T, B, H) and the final h
     /// and c (None for cells without a cell state). One libtorch call: cuDNN's fused RNN on
     /// CUDA.
-    #[allow(clippy::too_many_arguments)]
     pub fn run(
         self,
         input: &Tensor,
-        h: &Tensor,
-        c: Option<&Tensor>,
+        (h, c): (&Tensor, Option<&Tensor>),
         weights: &[&Tensor],
         layers: i64,
         dropout: f64,

@@ -279,7 +279,7 @@ impl LstmLm {
             let p = if train { cfg.dropout_hidden() } else { 0.0 };
             let n = self.layers.len() as i64;
             let c0 = cell.has_cell_state().then(|| Tensor::cat(&state.c, 0));
-            let (out, hn, cn) = cell.run(&h, &Tensor::cat(&state.h, 0), c0.as_ref(), &weights, n, p, train);
+            let (out, hn, cn) = cell.run(&h, (&Tensor::cat(&state.h, 0), c0.as_ref()), &weights, n, p, train);
             let split = |t: &Tensor| (0..n).map(|l| t.narrow(0, l, 1)).collect();
             let dropped = self.dropout(&out, cfg.dropout_output(), train);
             return Forward {
@@ -300,8 +300,7 @@ impl LstmLm {
             };
             let (out, hn, cn) = cell.run(
                 &h,
-                &state.h[l],
-                state.c.get(l),
+                (&state.h[l], state.c.get(l)),
                 &[&layer.w_ih, &w_hh, &layer.b_ih, &layer.b_hh],
                 1,
                 0.0,
