@@ -14,7 +14,7 @@ use std::fmt;
 use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Cell {
     /// Long short-term memory (Hochreiter & Schmidhuber 1997): gates i, f, g, o; state (h, c).
     #[default]
@@ -113,6 +113,17 @@ impl Cell {
     }
 }
 
+impl TryFrom<String> for Cell {
+    type Error = String;
+    /// A config's `model.cell`; anything else is refused with the names it could be.
+    fn try_from(s: String) -> Result<Cell, String> {
+        ALL.into_iter().find(|c| c.key() == s).ok_or_else(|| {
+            let names: Vec<&str> = ALL.iter().map(|c| c.key()).collect();
+            format!("unknown cell '{s}'; use one of {}", names.join(", "))
+        })
+    }
+}
+
 impl fmt::Display for Cell {
     /// How a person names the cell: "LSTM", "GRU", "RNN (tanh)", "RNN (ReLU)".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -130,11 +141,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_cell_reads_back_from_its_config_name() {
+    fn each_cell_reads_back_from_its_config_name_and_a_typo_is_told_the_choices() {
         for cell in ALL {
             let v: Cell = toml::Value::String(cell.key().into()).try_into().unwrap();
             assert_eq!(v, cell);
             assert_eq!(toml::Value::try_from(cell).unwrap().as_str(), Some(cell.key()));
         }
+        let err = toml::Value::String("lstmm".into()).try_into::<Cell>().unwrap_err().to_string();
+        assert!(err.contains("unknown cell 'lstmm'; use one of lstm, gru, rnn_tanh, rnn_relu"), "{err}");
     }
 }
