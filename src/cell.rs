@@ -1,8 +1,9 @@
 //! The recurrent cell of the language model (`model.cell`): the LSTM, the GRU, or the plain
 //! (Elman) RNN with tanh or ReLU. Everything that differs between cells lives here, so adding
-//! one touches this file and the config only: how many gate blocks its weights stack, whether
-//! it carries a cell state besides h, the prefix of its parameter names, its cuDNN mode, and
-//! the libtorch call that runs it.
+//! one touches this file only (`model.cell` reads this enum; bench/load_checkpoint.py has its
+//! own table): how many gate blocks its weights stack, whether it carries a cell state
+//! besides h, the prefix of its parameter names, its cuDNN mode, and the libtorch call that
+//! runs it.
 //!
 //! The weights of every cell have the form of PyTorch's modules (nn.LSTM, nn.GRU, nn.RNN):
 //! per layer `weight_ih` (G·H, in), `weight_hh` (G·H, H), `bias_ih` (G·H), `bias_hh` (G·H),
