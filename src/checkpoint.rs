@@ -4,7 +4,7 @@
 //! * `checkpoint.json`: config, vocabulary, epoch, lr, perplexities, ptb-lm version, the corpus
 //!   it was trained on (absolute paths, each file's size and SHA-256), and for a
 //!   resumable checkpoint (`last/`) the position in training;
-//! * `state.safetensors` (resumable checkpoints only): the carried LSTM state and, when
+//! * `state.safetensors` (resumable checkpoints only): the carried recurrent state and, when
 //!   averaged SGD is on, the running averages;
 //! * `tokenizer.json` (BPE runs only): the tokenizer, in HuggingFace `tokenizers`' standard
 //!   format (see [`crate::text`]).

@@ -5,6 +5,7 @@
 //! Single values can be overridden from the command line with `--set table.key=value`, which
 //! goes through the same checks.
 
+pub use crate::cell::Cell;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -153,8 +154,8 @@ pub enum InitScheme {
     /// The book's: embedding N(0, 0.01²), weights N(0, 1/fan_in), biases 0.
     #[default]
     Book,
-    /// PyTorch's defaults for nn.LSTM, with the embedding and decoder drawn U(-0.1, 0.1)
-    /// (as in PyTorch's word_language_model and AWD-LSTM).
+    /// PyTorch's defaults for nn.LSTM, nn.GRU and nn.RNN, with the embedding and decoder
+    /// drawn U(-0.1, 0.1) (as in PyTorch's word_language_model and AWD-LSTM).
     Uniform,
 }
 
@@ -169,8 +170,12 @@ pub struct ModelConfig {
     pub hidden_size: i64,
     #[serde(default = "one")]
     pub num_layers: i64,
+    /// The recurrent cell: "lstm" (the default), "gru", "rnn_tanh" or "rnn_relu" (see
+    /// [`crate::cell`]).
+    #[serde(default)]
+    pub cell: Cell,
     /// Dropout ratio applied, as in the book's BetterRnnlm, to the embedding output, between
-    /// LSTM layers and before the decoder. The three `dropout_*` keys override it per place.
+    /// recurrent layers and before the decoder. The three `dropout_*` keys override it per place.
     #[serde(default)]
     pub dropout: f64,
     #[serde(default)]
@@ -192,7 +197,7 @@ pub struct ModelConfig {
     /// Embedding dropout: drop whole words from the embedding matrix (Gal & Ghahramani 2016).
     #[serde(default)]
     pub dropout_embedding: f64,
-    /// DropConnect on the hidden-to-hidden LSTM weights (Wan et al. 2013, as used by
+    /// DropConnect on the hidden-to-hidden weights of every cell (Wan et al. 2013, as used by
     /// Merity et al. 2018, AWD-LSTM).
     #[serde(default)]
     pub weight_drop: f64,
@@ -284,9 +289,9 @@ pub struct TrainConfig {
     /// fp32). The CPU always computes in float32.
     #[serde(default)]
     pub precision: Precision,
-    /// On CUDA, run all LSTM layers in one cuDNN call (cuDNN pipelines the layers; dropout
-    /// between layers is then drawn by cuDNN). Not possible with locked dropout or weight
-    /// drop, which need the layers one by one.
+    /// On CUDA, run all recurrent layers in one cuDNN call, whatever the cell (cuDNN
+    /// pipelines the layers; dropout between layers is then drawn by cuDNN). Not possible
+    /// with locked dropout or weight drop, which need the layers one by one.
     #[serde(default = "yes")]
     pub fused_lstm: bool,
 }

@@ -84,7 +84,7 @@ pub fn set_matmul_tf32(on: bool) {
     let _ = on;
 }
 
-/// Runs `f` with CUDA autocast in bfloat16 when `on` (matmuls and the LSTM in bf16;
+/// Runs `f` with CUDA autocast in bfloat16 when `on` (matmuls and the RNN layers in bf16;
 /// float32 elsewhere). Without the shim, `f` runs as it is.
 pub fn autocast_bf16<T>(on: bool, f: impl FnOnce() -> T) -> T {
     #[cfg(ptb_cuda_shim)]

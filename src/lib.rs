@@ -1,9 +1,11 @@
-//! ptb-lm: word-level LSTM language models on the Penn Treebank, trained with libtorch.
+//! ptb-lm: recurrent (LSTM, GRU, plain RNN) language models of words, characters or subwords,
+//! on the Penn Treebank or any text, trained with libtorch.
 //!
 //! * [`config`]: the TOML run configuration and its checks
 //! * [`data`]: corpus files, splits and the book's stateful batching
 //! * [`text`]: the tokenizers (word, character, byte-level BPE): text <-> token ids
-//! * [`model`]: the LSTM language model
+//! * [`model`]: the recurrent language model
+//! * [`cell`]: the recurrent cell (LSTM, GRU, plain RNN) and all that differs between them
 //! * [`step`]: one training step (eager or replayed from a CUDA graph)
 //! * [`train`]: the epoch loop, learning-rate schedule, resume and NaN recovery
 //! * [`eval`]: perplexity and the `eval` command
@@ -18,6 +20,7 @@
 //! * [`interrupt`]: Ctrl-C, SIGTERM and what each phase does with them
 //! * [`failpoint`]: test hooks that provoke faults (pauses, divergence) on any machine
 
+pub mod cell;
 pub mod checkpoint;
 pub mod config;
 pub mod cuda;

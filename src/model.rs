@@ -1,24 +1,30 @@
-//! The stateful LSTM language model: embedding → dropout → N LSTM layers (dropout between
-//! them) → dropout → linear decoder to the vocabulary, with optional weight tying.
+//! The stateful recurrent language model: embedding → dropout → N recurrent layers (dropout
+//! between them) → dropout → linear decoder to the vocabulary, with optional weight tying.
+//! The recurrent cell (`model.cell`: LSTM, GRU or plain RNN) is a [`Cell`]; all that differs
+//! between cells is there, the rest of the model is the same for all.
 //!
-//! Each layer is one call to libtorch's fused LSTM (cuDNN on CUDA), so the book's dropout
-//! between layers stays explicit. On CUDA the layers can instead run as one multi-layer
-//! cuDNN call ([`LstmLm::set_fused`]), which computes the same function (dropout between
-//! layers included) faster, because cuDNN overlaps the layers.
+//! Each layer is one call to libtorch's fused RNN of the cell (cuDNN on CUDA), so the book's
+//! dropout between layers stays explicit. On CUDA the layers can instead run as one
+//! multi-layer cuDNN call ([`LstmLm::set_fused`]), which computes the same function (dropout
+//! between layers included) faster, because cuDNN overlaps the layers.
 //! Tensors are time-major: inputs (T, B), logits (T, B, V).
 //!
-//! Parameter names, as stored in checkpoints:
-//! `embedding.weight` (V, D), `lstm.{l}.weight_ih` (4H, in), `lstm.{l}.weight_hh` (4H, H),
-//! `lstm.{l}.bias_ih` (4H), `lstm.{l}.bias_hh` (4H), `decoder.weight` (V, H, absent when
-//! tied: the decoder then uses `embedding.weight`), `decoder.bias` (V).
+//! Parameter names, as stored in checkpoints, with G the cell's gate blocks
+//! ([`Cell::gates`]: LSTM 4, GRU 3, RNN 1) and P its prefix ([`Cell::prefix`]: `lstm`, `gru`,
+//! `rnn`): `embedding.weight` (V, D), `P.{l}.weight_ih` (GH, in), `P.{l}.weight_hh` (GH, H),
+//! `P.{l}.bias_ih` (GH), `P.{l}.bias_hh` (GH), `decoder.weight` (V, H, absent when tied: the
+//! decoder then uses `embedding.weight`), `decoder.bias` (V). An LSTM's are `lstm.0.weight_ih`
+//! (4H, in) and so on, as before there were other cells.
 
+pub use crate::cell::Cell;
 use crate::config::{Config, InitScheme, ModelConfig};
 use anyhow::{bail, Result};
 use std::path::Path;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
-/// Hidden and cell state of every layer, each (1, B, H).
+/// Hidden state and, for a cell that has one ([`Cell::has_cell_state`]: the LSTM), cell
+/// state of every layer, each (1, B, H). `c` is empty for the other cells.
 #[derive(Debug)]
 pub struct State {
     pub h: Vec<Tensor>,
@@ -26,9 +32,9 @@ pub struct State {
 }
 
 impl State {
-    pub fn zeros(layers: usize, batch: i64, hidden: i64, kind: Kind, device: Device) -> State {
-        let z = || (0..layers).map(|_| Tensor::zeros([1, batch, hidden], (kind, device))).collect();
-        State { h: z(), c: z() }
+    pub fn zeros(cell: Cell, layers: usize, batch: i64, hidden: i64, kind: Kind, device: Device) -> State {
+        let z = |n| (0..n).map(|_| Tensor::zeros([1, batch, hidden], (kind, device))).collect();
+        State { h: z(layers), c: z(if cell.has_cell_state() { layers } else { 0 }) }
     }
 
     /// Another handle on the same tensors.
@@ -57,12 +63,15 @@ impl State {
         }
     }
 
-    /// Named tensors for a resumable checkpoint: `state.h.{l}`, `state.c.{l}`.
+    /// Named tensors for a resumable checkpoint: `state.h.{l}`, and `state.c.{l}` where
+    /// there is a cell state.
     pub fn named(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (l, (h, c)) in self.h.iter().zip(&self.c).enumerate() {
+        for (l, h) in self.h.iter().enumerate() {
             out.push((format!("state.h.{l}"), h.shallow_clone()));
-            out.push((format!("state.c.{l}"), c.shallow_clone()));
+            if let Some(c) = self.c.get(l) {
+                out.push((format!("state.c.{l}"), c.shallow_clone()));
+            }
         }
         out
     }
@@ -74,9 +83,9 @@ pub struct Forward {
     pub logits: Tensor,
     /// The state after the last step (still attached to the graph).
     pub state: State,
-    /// Last LSTM layer's output before dropout (for temporal activation regularisation).
+    /// Last recurrent layer's output before dropout (for temporal activation regularisation).
     pub last_raw: Tensor,
-    /// Last LSTM layer's output after dropout (for activation regularisation).
+    /// Last recurrent layer's output after dropout (for activation regularisation).
     pub last_dropped: Tensor,
 }
 
@@ -87,6 +96,14 @@ struct Layer {
     b_hh: Tensor,
 }
 
+impl Layer {
+    /// The weights in the order libtorch's RNN functions and cuDNN take them.
+    fn weights(&self) -> [&Tensor; 4] {
+        [&self.w_ih, &self.w_hh, &self.b_ih, &self.b_hh]
+    }
+}
+
+/// The language model, whatever its cell (the name is from when the LSTM was the only one).
 pub struct LstmLm {
     vs: nn::VarStore,
     cfg: ModelConfig,
@@ -120,8 +137,9 @@ impl LstmLm {
         };
         let embedding = (&root / "embedding").var("weight", &[v, d], emb_init);
         let mut layers = Vec::new();
+        let g = cfg.cell.gates();
         for l in 0..cfg.num_layers {
-            let p = &root / "lstm" / l;
+            let p = &root / cfg.cell.prefix() / l;
             let input = if l == 0 { d } else { h };
             let bound = 1.0 / (h as f64).sqrt();
             let (ih, hh, b) = match cfg.init {
@@ -132,10 +150,10 @@ impl LstmLm {
                 }
             };
             layers.push(Layer {
-                w_ih: p.var("weight_ih", &[4 * h, input], ih),
-                w_hh: p.var("weight_hh", &[4 * h, h], hh),
-                b_ih: p.var("bias_ih", &[4 * h], b),
-                b_hh: p.var("bias_hh", &[4 * h], b),
+                w_ih: p.var("weight_ih", &[g * h, input], ih),
+                w_hh: p.var("weight_hh", &[g * h, h], hh),
+                b_ih: p.var("bias_ih", &[g * h], b),
+                b_hh: p.var("bias_hh", &[g * h], b),
             });
         }
         let dec = &root / "decoder";
@@ -149,20 +167,20 @@ impl LstmLm {
         Ok(model)
     }
 
-    /// On CUDA, lays the LSTM weights out in one buffer per cuDNN call (per layer, or one
-    /// for all layers when fused), so cuDNN does not copy them on every call.
+    /// On CUDA, lays the recurrent weights out in one buffer per cuDNN call (per layer, or
+    /// one for all layers when fused), so cuDNN does not copy them on every call.
     fn flatten_for_cudnn(&self) {
         if !(self.vs.device().is_cuda() && tch::Cuda::cudnn_is_available()) {
             return;
         }
         let h = self.cfg.hidden_size;
         let flatten = |layers: &[Layer], input: i64| {
-            let weights: Vec<&Tensor> = layers.iter().flat_map(|l| [&l.w_ih, &l.w_hh, &l.b_ih, &l.b_hh]).collect();
+            let weights: Vec<&Tensor> = layers.iter().flat_map(Layer::weights).collect();
             let _ = Tensor::internal_cudnn_rnn_flatten_weight(
                 &weights,
                 4,
                 input,
-                2, // LSTM
+                self.cfg.cell.cudnn_mode(),
                 h,
                 0,
                 layers.len() as i64,
@@ -212,8 +230,13 @@ impl LstmLm {
         self.embedding.kind()
     }
 
+    /// The recurrent cell.
+    pub fn cell(&self) -> Cell {
+        self.cfg.cell
+    }
+
     pub fn zero_state(&self, batch: i64) -> State {
-        State::zeros(self.layers.len(), batch, self.cfg.hidden_size, self.kind(), self.device())
+        State::zeros(self.cfg.cell, self.layers.len(), batch, self.cfg.hidden_size, self.kind(), self.device())
     }
 
     /// Trainable tensors with their checkpoint names, sorted by name.
@@ -250,25 +273,18 @@ impl LstmLm {
         };
         let mut h = Tensor::embedding(&emb_w, x, -1, false, false);
         h = self.dropout(&h, cfg.dropout_input(), train);
+        let cell = cfg.cell;
         if self.fused {
-            let weights: Vec<&Tensor> = self.layers.iter().flat_map(|l| [&l.w_ih, &l.w_hh, &l.b_ih, &l.b_hh]).collect();
+            let weights: Vec<&Tensor> = self.layers.iter().flat_map(Layer::weights).collect();
             let p = if train { cfg.dropout_hidden() } else { 0.0 };
             let n = self.layers.len() as i64;
-            let (out, hn, cn) = h.lstm(
-                &[&Tensor::cat(&state.h, 0), &Tensor::cat(&state.c, 0)],
-                &weights,
-                true,
-                n,
-                p,
-                train,
-                false,
-                false,
-            );
+            let c0 = cell.has_cell_state().then(|| Tensor::cat(&state.c, 0));
+            let (out, hn, cn) = cell.run(&h, (&Tensor::cat(&state.h, 0), c0.as_ref()), &weights, n, p, train);
             let split = |t: &Tensor| (0..n).map(|l| t.narrow(0, l, 1)).collect();
             let dropped = self.dropout(&out, cfg.dropout_output(), train);
             return Forward {
                 logits: dropped.linear(self.decoder_weight(), Some(&self.decoder_bias)),
-                state: State { h: split(&hn), c: split(&cn) },
+                state: State { h: split(&hn), c: cn.as_ref().map_or_else(Vec::new, split) },
                 last_raw: out,
                 last_dropped: dropped,
             };
@@ -282,18 +298,16 @@ impl LstmLm {
             } else {
                 layer.w_hh.shallow_clone()
             };
-            let (out, hn, cn) = h.lstm(
-                &[&state.h[l], &state.c[l]],
+            let (out, hn, cn) = cell.run(
+                &h,
+                (&state.h[l], state.c.get(l)),
                 &[&layer.w_ih, &w_hh, &layer.b_ih, &layer.b_hh],
-                true,
                 1,
                 0.0,
                 train,
-                false,
-                false,
             );
             new_h.push(hn);
-            new_c.push(cn);
+            new_c.extend(cn);
             let last = l + 1 == self.layers.len();
             let p = if last { cfg.dropout_output() } else { cfg.dropout_hidden() };
             if last {
@@ -409,21 +423,24 @@ impl LstmLm {
 /// f64: absurd configs must not overflow).
 pub fn parameter_count(cfg: &ModelConfig) -> f64 {
     let (v, d, h) = (cfg.vocab() as f64, cfg.wordvec_size as f64, cfg.hidden_size as f64);
-    let layers = cfg.num_layers as f64;
-    let lstm = 4.0 * h * (d + h + 2.0) + (layers - 1.0).max(0.0) * 4.0 * h * (h + h + 2.0);
+    let (layers, g) = (cfg.num_layers as f64, cfg.cell.gates() as f64);
+    let recurrent = g * h * (d + h + 2.0) + (layers - 1.0).max(0.0) * g * h * (h + h + 2.0);
     let decoder = if cfg.tie_weights { 0.0 } else { v * h };
-    v * d + lstm + decoder + v
+    v * d + recurrent + decoder + v
 }
 
 /// About how many bytes training `cfg` takes on its device (float32): the weights, their
 /// gradients, the recovery snapshot, the averaged-SGD means and the copy made to validate
 /// them, plus one batch of activations kept for the backward pass (logits and their
-/// gradient, the LSTM gates and states). An estimate to refuse what cannot fit, not a bound.
+/// gradient, the recurrent gates and states). An estimate to refuse what cannot fit, not a bound.
 pub fn training_bytes(cfg: &Config) -> f64 {
     let m = &cfg.model;
     let copies = if cfg.train.asgd { 5.0 } else { 3.0 };
     let tokens = (cfg.train.batch_size * cfg.train.bptt) as f64;
-    let per_token = 3.0 * m.vocab() as f64 + 12.0 * (m.num_layers * m.hidden_size) as f64 + 2.0 * m.wordvec_size as f64;
+    // Per layer and unit, each with its gradient: the cell's gates and two states (LSTM: 12).
+    let per_unit = 2.0 * (m.cell.gates() + 2) as f64;
+    let per_token =
+        3.0 * m.vocab() as f64 + per_unit * (m.num_layers * m.hidden_size) as f64 + 2.0 * m.wordvec_size as f64;
     4.0 * (copies * parameter_count(m) + tokens * per_token)
 }
 

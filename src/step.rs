@@ -98,13 +98,13 @@ impl TrainStep {
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if self.uses_graph() {
-            parts.push("CUDA graph");
+            parts.push("CUDA graph".to_string());
         }
         if self.bf16 {
-            parts.push("bf16 autocast");
+            parts.push("bf16 autocast".to_string());
         }
         if self.model.is_fused() {
-            parts.push("fused LSTM layers");
+            parts.push(format!("fused {} layers", self.model.cell()));
         }
         parts.join(", ")
     }
@@ -315,7 +315,8 @@ impl TrainStep {
     }
 
     /// What a resumable checkpoint keeps of the step besides the weights: the carried state
-    /// (`state.h.{l}`, `state.c.{l}`) and, when averaging, the running means (`avg.{name}`).
+    /// (`state.h.{l}`, and `state.c.{l}` for the LSTM) and, when averaging, the running means
+    /// (`avg.{name}`).
     /// In data-parallel training each rank holds its own streams' state: it is gathered
     /// (every rank must call this) so the checkpoint is the one a single process writes.
     pub fn resumable_state(&self) -> Result<Vec<(String, Tensor)>> {

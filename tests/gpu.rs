@@ -164,3 +164,28 @@ fn locked_dropout_and_weight_drop_masks_are_redrawn_on_every_replay() {
     let replays = replay_losses(&mut step, &cfg, |k| 2000 + k);
     println!("losses of replays with fresh masks: {replays:?}");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_cell_trains_in_a_cuda_graph_with_fused_layers_as_in_plain_steps() {
+    let _rng = rng_lock();
+    for cell in ptb_lm::cell::ALL {
+        let set = format!("model.cell={}", cell.key());
+        // lr 1: the plain RNNs blow up at the LSTM's 20. No dropout between the layers, which
+        // cuDNN would draw itself in the fused call.
+        let fused = better_like(&[&set, "train.lr=1.0", "model.dropout_hidden=0.0"]);
+        let step = new_step(&fused, true);
+        assert!(step.model.is_fused(), "{cell}: the layers are not fused");
+        assert!(step.describe().contains(&format!("fused {cell} layers")), "{}", step.describe());
+        drop(step);
+        // The CUDA graph of the fused step computes what the plain fused step computes.
+        assert_same(&fused, &format!("{cell}, fused"));
+        // And the fused call computes what one cuDNN call per layer computes.
+        let (loss_fused, _) = train_steps(&fused, true, 12);
+        let per_layer = better_like(&[&set, "train.lr=1.0", "model.dropout_hidden=0.0", "train.fused_lstm=false"]);
+        let (loss_layers, _) = train_steps(&per_layer, false, 12);
+        let rel = (loss_fused - loss_layers).abs() / loss_layers.abs();
+        assert!(rel < 1e-3, "{cell}: fused graph loss sum {loss_fused}, per-layer plain {loss_layers}");
+        println!("{cell}: fused graph loss sum {loss_fused:.6}, per-layer plain {loss_layers:.6}");
+    }
+}

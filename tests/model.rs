@@ -1,9 +1,11 @@
-//! The model's mathematics: gradients against finite differences, weight tying, and each
-//! regularisation option doing exactly what it claims.
+//! The model's mathematics: gradients of every cell against finite differences, weight
+//! tying, each regularisation option doing exactly what it claims, and the parameters an
+//! LSTM config has always had.
 
 mod common;
 
 use common::{config_with, rng_lock};
+use ptb_lm::cell::{Cell, ALL};
 use ptb_lm::config::{Config, ModelConfig};
 use ptb_lm::data::Batches;
 use ptb_lm::eval::{perplexity, perplexity_of_stream};
@@ -77,10 +79,77 @@ fn gradient_check(cfg: &ModelConfig) {
 }
 
 #[test]
-fn gradients_match_central_finite_differences_in_f64() {
+fn gradients_of_every_cell_match_central_finite_differences_in_f64() {
     let _rng = rng_lock();
-    gradient_check(&model_cfg(&[]).model);
-    gradient_check(&model_cfg(&["model.tie_weights=false", "model.wordvec_size=3", "model.num_layers=1"]).model);
+    for cell in ALL {
+        let cell = format!("model.cell={}", cell.key());
+        gradient_check(&model_cfg(&[&cell]).model);
+        gradient_check(
+            &model_cfg(&[&cell, "model.tie_weights=false", "model.wordvec_size=3", "model.num_layers=1"]).model,
+        );
+    }
+}
+
+#[test]
+fn a_config_without_a_cell_builds_the_lstm_it_always_did() {
+    let _rng = rng_lock();
+    let cfg = model_cfg(&["model.tie_weights=false", "model.wordvec_size=3"]);
+    assert_eq!(cfg.model.cell, Cell::Lstm);
+    let shapes = |cfg: &ModelConfig| -> Vec<(String, Vec<i64>)> {
+        let model = LstmLm::new(cfg, Device::Cpu, Kind::Float).unwrap();
+        model.named_parameters().into_iter().map(|(n, t)| (n, t.size())).collect()
+    };
+    // The names and shapes of ptb-lm before `model.cell` (vocabulary 12, D 3, H 4, 2 layers).
+    let before: Vec<(String, Vec<i64>)> = [
+        ("decoder.bias", vec![12]),
+        ("decoder.weight", vec![12, 4]),
+        ("embedding.weight", vec![12, 3]),
+        ("lstm.0.bias_hh", vec![16]),
+        ("lstm.0.bias_ih", vec![16]),
+        ("lstm.0.weight_hh", vec![16, 4]),
+        ("lstm.0.weight_ih", vec![16, 3]),
+        ("lstm.1.bias_hh", vec![16]),
+        ("lstm.1.bias_ih", vec![16]),
+        ("lstm.1.weight_hh", vec![16, 4]),
+        ("lstm.1.weight_ih", vec![16, 4]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_string(), s))
+    .collect();
+    assert_eq!(shapes(&cfg.model), before);
+    // The same weights, drawn in the same order, as with the cell named.
+    tch::manual_seed(3);
+    let plain = LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap();
+    tch::manual_seed(3);
+    let named = model_cfg(&["model.tie_weights=false", "model.wordvec_size=3", "model.cell=\"lstm\""]);
+    let named = LstmLm::new(&named.model, Device::Cpu, Kind::Float).unwrap();
+    for ((n, a), b) in plain.named_parameters().iter().zip(named.parameters()) {
+        assert!(a.equal(&b), "{n} differs");
+    }
+    // The other cells: G·H rows (GRU 3, RNN 1) under their own prefix; nothing else changes.
+    for (cell, prefix, g) in [(Cell::Gru, "gru", 3), (Cell::RnnTanh, "rnn", 1), (Cell::RnnRelu, "rnn", 1)] {
+        let other =
+            model_cfg(&["model.tie_weights=false", "model.wordvec_size=3", &format!("model.cell={}", cell.key())]);
+        let expect: Vec<(String, Vec<i64>)> = before
+            .iter()
+            .map(|(n, s)| match n.strip_prefix("lstm.") {
+                Some(rest) => (format!("{prefix}.{rest}"), [vec![s[0] / 4 * g], s[1..].to_vec()].concat()),
+                None => (n.clone(), s.clone()),
+            })
+            .collect();
+        assert_eq!(shapes(&other.model), expect, "{cell}");
+    }
+}
+
+#[test]
+fn a_checkpoint_of_one_cell_is_refused_by_another() {
+    let _rng = rng_lock();
+    let gru = LstmLm::new(&model_cfg(&["model.cell=gru"]).model, Device::Cpu, Kind::Float).unwrap();
+    let lstm = LstmLm::new(&model_cfg(&[]).model, Device::Cpu, Kind::Float).unwrap();
+    let err = lstm.load_named(&gru.named_parameters(), std::path::Path::new("x.safetensors")).unwrap_err();
+    assert!(err.to_string().starts_with("x.safetensors: unexpected tensor 'gru.0.bias_hh'"), "{err}");
+    let err = gru.load_named(&lstm.named_parameters(), std::path::Path::new("x.safetensors")).unwrap_err();
+    assert!(err.to_string().starts_with("x.safetensors: unexpected tensor 'lstm.0.bias_hh'"), "{err}");
 }
 
 #[test]
