@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Parser)]
-#[command(name = "ptb-lm", version, about = "Word-level LSTM, GRU and RNN language models on the Penn Treebank")]
+#[command(name = "ptb-lm", version, about = "LSTM, GRU and RNN language models of words, characters or subwords (PTB or any text)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
