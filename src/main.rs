@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Parser)]
-#[command(name = "ptb-lm", version, about = "LSTM, GRU and RNN language models of words, characters or subwords (PTB or any text)")]
+#[command(
+    name = "ptb-lm",
+    version,
+    about = "LSTM, GRU and RNN language models of words, characters or subwords (PTB or any text)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

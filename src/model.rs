@@ -324,43 +324,26 @@ impl LstmLm {
         }
     }
 
-    /// Reads `x` (T, B) from `state` through the embedding and the LSTM layers only, without
+    /// Reads `x` (T, B) from `state` through the embedding and the recurrent layers only, without
     /// dropout and without the decoder: the state [`LstmLm::forward`] would return (in
     /// evaluation mode), at a fraction of its memory, since no logits are computed. For a
     /// prompt, whose words need no scores.
     pub fn read(&self, x: &Tensor, state: &State) -> State {
-        let h = Tensor::embedding(&self.embedding, x, -1, false, false);
+        let cell = self.cfg.cell;
+        let mut h = Tensor::embedding(&self.embedding, x, -1, false, false);
         if self.fused {
-            let weights: Vec<&Tensor> = self.layers.iter().flat_map(|l| [&l.w_ih, &l.w_hh, &l.b_ih, &l.b_hh]).collect();
+            let weights: Vec<&Tensor> = self.layers.iter().flat_map(Layer::weights).collect();
             let n = self.layers.len() as i64;
-            let (_, hn, cn) = h.lstm(
-                &[&Tensor::cat(&state.h, 0), &Tensor::cat(&state.c, 0)],
-                &weights,
-                true,
-                n,
-                0.0,
-                false,
-                false,
-                false,
-            );
+            let c0 = cell.has_cell_state().then(|| Tensor::cat(&state.c, 0));
+            let (_, hn, cn) = cell.run(&h, (&Tensor::cat(&state.h, 0), c0.as_ref()), &weights, n, 0.0, false);
             let split = |t: &Tensor| (0..n).map(|l| t.narrow(0, l, 1)).collect();
-            return State { h: split(&hn), c: split(&cn) };
+            return State { h: split(&hn), c: cn.as_ref().map_or_else(Vec::new, split) };
         }
         let mut out = State { h: Vec::with_capacity(self.layers.len()), c: Vec::with_capacity(self.layers.len()) };
-        let mut h = h;
         for (l, layer) in self.layers.iter().enumerate() {
-            let (o, hn, cn) = h.lstm(
-                &[&state.h[l], &state.c[l]],
-                &[&layer.w_ih, &layer.w_hh, &layer.b_ih, &layer.b_hh],
-                true,
-                1,
-                0.0,
-                false,
-                false,
-                false,
-            );
+            let (o, hn, cn) = cell.run(&h, (&state.h[l], state.c.get(l)), &layer.weights(), 1, 0.0, false);
             out.h.push(hn);
-            out.c.push(cn);
+            out.c.extend(cn);
             h = o;
         }
         out
