@@ -125,7 +125,7 @@ pub fn weights_digest(model: &LstmLm) -> String {
             }
         }
     });
-    hex(&h.finalize())
+    crate::data::hex(&h.finalize())
 }
 
 /// SHA-256 of token ids (a training split read from a checkpoint that records no corpus).
@@ -134,11 +134,7 @@ pub fn ids_digest(ids: &[i64]) -> String {
     for id in ids {
         h.update(id.to_le_bytes());
     }
-    hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::data::hex(&h.finalize())
 }
 
 /// MS = sqrt(mean g²) of every parameter, in the order of [`LstmLm::named_parameters`].
