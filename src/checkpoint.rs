@@ -69,6 +69,14 @@ pub struct Resume {
     pub valid_history: Vec<f64>,
     /// Steps averaged so far when averaged SGD is on (0: not averaging).
     pub asgd_count: u64,
+    /// Wall seconds of the completed epochs, training and validation (what a time budget
+    /// counts). Absent (0) in checkpoints of older ptb-lm versions.
+    #[serde(default)]
+    pub run_seconds: f64,
+    /// Training ended because the time budget (`train.max_minutes`) was spent: no epoch
+    /// follows, only the test evaluation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub budget_spent: bool,
 }
 
 impl Resume {
@@ -83,6 +91,8 @@ impl Resume {
             nan_restarts: 0,
             valid_history: Vec::new(),
             asgd_count: 0,
+            run_seconds: 0.0,
+            budget_spent: false,
         }
     }
 }

@@ -294,6 +294,43 @@ pub struct TrainConfig {
     /// with locked dropout or weight drop, which need the layers one by one.
     #[serde(default = "yes")]
     pub fused_lstm: bool,
+    /// The learning-rate rule (see [`crate::schedule`]): `plateau` (the book's, default) or
+    /// `cosine` (from `lr` down to `min_lr` over the run's steps or time budget).
+    #[serde(default, skip_serializing_if = "Schedule::is_plateau")]
+    pub schedule: Schedule,
+    /// Steps of linear warm-up at the start of the run (0: none).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub warmup_steps: u64,
+    /// Where the cosine ends (only with `schedule = "cosine"`).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub min_lr: f64,
+    /// A time budget in minutes for training, validation and the final test together:
+    /// training ends (mid-epoch if need be) in time to leave room for the evaluations, and
+    /// the cosine schedule spans the training time. `epochs` stays an upper bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_minutes: Option<f64>,
+}
+
+/// `train.schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Plateau,
+    Cosine,
+}
+
+impl Schedule {
+    pub fn is_plateau(&self) -> bool {
+        *self == Schedule::Plateau
+    }
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -467,6 +504,18 @@ impl Config {
             if !(v.is_finite() && v >= 0.0) {
                 bail!("{key} must be >= 0 (got {v})");
             }
+        }
+        match t.schedule {
+            Schedule::Cosine if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr < t.lr) => {
+                bail!("train.min_lr must be >= 0 and below train.lr = {} (got {})", t.lr, t.min_lr)
+            }
+            Schedule::Plateau if t.min_lr != 0.0 => {
+                bail!("train.min_lr is the floor of train.schedule = \"cosine\"; this config's schedule is plateau")
+            }
+            _ => {}
+        }
+        if let Some(m) = t.max_minutes.filter(|m| !(m.is_finite() && *m > 0.0)) {
+            bail!("train.max_minutes must be a positive number of minutes (got {m}); leave it out for no time limit");
         }
         if t.asgd && t.asgd_nonmono == 0 {
             bail!("train.asgd_nonmono must be at least 1");

@@ -7,7 +7,8 @@
 //! * [`model`]: the recurrent language model
 //! * [`cell`]: the recurrent cell (LSTM, GRU, plain RNN) and all that differs between them
 //! * [`step`]: one training step (eager or replayed from a CUDA graph)
-//! * [`train`]: the epoch loop, learning-rate schedule, resume and NaN recovery
+//! * [`train`]: the epoch loop, resume and NaN recovery
+//! * [`schedule`]: the learning rate of every step, and the time budget
 //! * [`eval`]: perplexity and the `eval` command
 //! * [`dynamic`]: dynamic evaluation (Krause et al. 2018)
 //! * [`generate`]: sampling text
@@ -38,6 +39,7 @@ pub mod model;
 pub mod plot;
 pub mod progress;
 pub mod run;
+pub mod schedule;
 pub mod step;
 pub mod text;
 pub mod train;

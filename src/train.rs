@@ -1,7 +1,7 @@
 //! Training, as the book's `train_better_rnnlm.py` does it: per epoch, SGD with global-norm
 //! clipping over the stateful batches, then validation perplexity; a better validation
-//! perplexity writes the `best/` checkpoint, a worse (or equal) one divides the learning
-//! rate by `lr_decay`. At the end, the test perplexity of `best/`.
+//! perplexity writes the `best/` checkpoint. At the end, the test perplexity of `best/`. The
+//! learning rate of each step and the end of a time budget are [`crate::schedule`]'s to say.
 //!
 //! Around it: a resumable `last/` checkpoint after every epoch and on Ctrl-C/SIGTERM,
 //! per-step seeds derived from (seed, epoch, batch) so an interrupted and resumed run
@@ -22,6 +22,7 @@ use crate::model::LstmLm;
 use crate::plot;
 use crate::progress::Reporter;
 use crate::run::RunDir;
+use crate::schedule::{LrSchedule, Progress, Reserve, TimeBudget};
 use crate::step::TrainStep;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -97,28 +98,6 @@ impl fmt::Display for Projection {
             human_duration(self.seconds_per_epoch * (self.total - self.done) as f64),
             self.run_dir.display()
         )
-    }
-}
-
-/// The book's learning-rate rule.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LrSchedule {
-    pub lr: f64,
-    pub factor: f64,
-    pub best: Option<f64>,
-}
-
-impl LrSchedule {
-    /// Records a validation perplexity: true when it beats the best so far; otherwise the
-    /// learning rate is divided by `factor` (unless `frozen`, as under averaged SGD).
-    pub fn observe(&mut self, valid_ppl: f64, frozen: bool) -> bool {
-        let improved = valid_ppl.is_finite() && self.best.is_none_or(|b| valid_ppl < b);
-        if improved {
-            self.best = Some(valid_ppl);
-        } else if !frozen {
-            self.lr /= self.factor;
-        }
-        improved
     }
 }
 
@@ -286,6 +265,14 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
         bail!("{}: this checkpoint is not resumable (no training position)", last.display());
     };
     let mut cfg = resumed_config(&ckpt.meta.config, overrides, run_dir)?;
+    if position.budget_spent && summarised(&run, position.epoch) {
+        bail!(
+            "{}: the run already finished: its time budget (train.max_minutes = {}) ended training in epoch {}",
+            run_dir.display(),
+            cfg.train.max_minutes.unwrap_or(f64::NAN),
+            position.epoch
+        );
+    }
     // Every epoch trained but no summary of them: the final test evaluation was cut short, and
     // the session below goes straight to it.
     if position.epoch > cfg.train.epochs || (position.epoch == cfg.train.epochs && summarised(&run, position.epoch)) {
@@ -469,6 +456,15 @@ struct Session {
     stop_after: Option<usize>,
     /// The process group of data-parallel training (None: this process alone).
     group: Option<Rc<Group>>,
+    /// `train.max_minutes`.
+    budget: Option<TimeBudget>,
+    /// The learning rate of the last step.
+    lr_now: f64,
+    /// The fraction of the time budget used, as every rank agreed at the last check (0
+    /// without a budget; 1 or more: training ends).
+    time_fraction: f64,
+    /// Seconds of the last validation (what the time budget estimates evaluations from).
+    last_valid_seconds: Option<f64>,
 }
 
 impl Session {
@@ -499,7 +495,7 @@ impl Session {
             step.set_group(g.clone());
         }
         let metrics = MetricsLog::new(run.metrics());
-        let mut schedule = LrSchedule { lr: t.lr, factor: t.lr_decay, best: None };
+        let mut schedule = LrSchedule::new(t);
         let (pos, records) = match &resumed {
             None => (Resume::start(), Vec::new()),
             Some(ckpt) => {
@@ -512,6 +508,8 @@ impl Session {
                 (pos, records)
             }
         };
+        let (budget, lr_now) = (TimeBudget::of(t), schedule.lr);
+        let last_valid_seconds = records.last().map(|r| r.valid_seconds);
         Ok(Session {
             reporter: Reporter::new(opts.quiet || !leads(&group)),
             cfg,
@@ -529,6 +527,10 @@ impl Session {
             resumed: resumed.is_some(),
             stop_after: opts.stop_after,
             group,
+            budget,
+            lr_now,
+            time_fraction: 0.0,
+            last_valid_seconds,
         })
     }
 
@@ -541,14 +543,54 @@ impl Session {
         self.splits.train.tokens_per_batch() as f64 * self.group.as_ref().map_or(1, |g| g.world) as f64
     }
 
-    /// What every rank agrees on at a check: the mean of the ranks' loss sums, and whether
-    /// any of them is to stop. Alone: its own.
-    fn agree(&self, loss_sum: f64, stopping: bool) -> Result<(f64, bool)> {
-        let Some(g) = &self.group else { return Ok((loss_sum, stopping)) };
-        let t = Tensor::from_slice(&[loss_sum, if stopping { 1.0 } else { 0.0 }]);
+    /// What every rank agrees on at a check: the mean of the ranks' loss sums, whether any
+    /// of them is to stop, and rank 0's `fraction` of the time budget. Alone: its own.
+    fn agree(&self, loss_sum: f64, stopping: bool, fraction: f64) -> Result<(f64, bool, f64)> {
+        let Some(g) = &self.group else { return Ok((loss_sum, stopping, fraction)) };
+        let fraction = if g.rank == 0 { fraction } else { 0.0 };
+        let t = Tensor::from_slice(&[loss_sum, if stopping { 1.0 } else { 0.0 }, fraction]);
         g.allreduce_sum(&t)?;
         let v = Vec::<f64>::try_from(&t)?;
-        Ok((v[0] / g.world as f64, v[1] > 0.0))
+        Ok((v[0] / g.world as f64, v[1] > 0.0, v[2]))
+    }
+
+    /// Whether another epoch is to be trained: not past `train.epochs`, nor the time budget.
+    fn more_epochs(&self) -> bool {
+        self.pos.epoch < self.cfg.train.epochs && !self.pos.budget_spent
+    }
+
+    /// What the evaluations after training will take, at the last validation's speed (or,
+    /// before one, at twice `train_speed` tokens/s, as validation runs without backward).
+    fn reserve(&self, train_speed: f64) -> Reserve {
+        let tokens = |b: &Batches| (b.len() as i64 * b.tokens_per_batch()) as f64;
+        let valid_tokens = tokens(&self.splits.valid);
+        Reserve {
+            valid_tokens,
+            test_tokens: tokens(&self.splits.test),
+            eval_tokens_per_s: match self.last_valid_seconds {
+                Some(s) if s > 0.0 => valid_tokens / s,
+                _ => 2.0 * train_speed,
+            },
+        }
+    }
+
+    /// The fraction of the time budget's training time used `epoch_seconds` into the
+    /// epoch's training (0 without a budget).
+    fn budget_fraction(&self, epoch_seconds: f64, train_speed: f64) -> f64 {
+        self.budget.map_or(0.0, |b| b.fraction(self.pos.run_seconds + epoch_seconds, &self.reserve(train_speed)))
+    }
+
+    /// Where the step of batch `k` stands in the run, for the learning-rate schedule: its
+    /// step, and the fraction done of the time budget (every rank's, as agreed at the last
+    /// check) or else of the run's steps.
+    fn progress(&self, k: usize) -> Progress {
+        let n = self.splits.train.len() as u64;
+        let step = self.pos.epoch as u64 * n + k as u64;
+        let fraction = match self.budget {
+            Some(_) => self.time_fraction,
+            None => self.schedule.fraction_of_steps(step, self.cfg.train.epochs as u64 * n),
+        };
+        Progress { step, fraction }
     }
 
     /// Rank 0's value of `x`, on every rank (so every rank takes the same decisions).
@@ -577,19 +619,18 @@ impl Session {
     }
 
     fn run(mut self, stop: &AtomicBool) -> Result<Outcome> {
-        let epochs = self.cfg.train.epochs;
         self.announce();
         {
             let _graceful = interrupt::Graceful::enter();
-            while self.pos.epoch < epochs {
+            while self.more_epochs() {
                 self.train_epoch(stop)?;
                 self.end_epoch()?;
                 // Every rank stops after the same epoch, wherever the signal found each.
-                let (_, stopping) = self.agree(0.0, self.stopping(stop))?;
-                if stopping && self.pos.epoch < epochs {
+                let (_, stopping, _) = self.agree(0.0, self.stopping(stop), 0.0)?;
+                if stopping && self.more_epochs() {
                     return Err(self.interrupted(false).into());
                 }
-                if self.stop_after.is_some_and(|n| self.epoch_walls.len() >= n) && self.pos.epoch < epochs {
+                if self.stop_after.is_some_and(|n| self.epoch_walls.len() >= n) && self.more_epochs() {
                     return Ok(if self.leads() { Outcome::Stopped(self.projection()) } else { Outcome::Worker });
                 }
             }
@@ -637,7 +678,7 @@ impl Session {
                 if how.is_empty() { "" } else { ", " },
                 how
             ));
-        } else if self.pos.epoch >= self.cfg.train.epochs {
+        } else if !self.more_epochs() {
             self.reporter.line(&format!(
                 "resuming {} after its last epoch ({} of {}): scoring the test split with best/",
                 self.run.root.display(),
@@ -686,7 +727,9 @@ impl Session {
         let mut last_check = Instant::now();
         let mut last_report = (sound, 0.0f64);
         let mut k = self.pos.batch;
-        while k < n {
+        let start = counted;
+        self.time_fraction = self.leaders_value(self.budget_fraction(self.pos.seconds, 0.0))?;
+        while k < n && self.time_fraction < 1.0 {
             self.run_step(k)?;
             counted += 1;
             k += 1;
@@ -700,7 +743,10 @@ impl Session {
             }
             last_check = Instant::now();
             let elapsed = self.pos.seconds + t0.elapsed().as_secs_f64();
-            let (sum, stopping) = self.agree(self.step.loss_sum(), stopping)?;
+            let speed = (counted - start) as f64 * self.tokens_per_batch() / t0.elapsed().as_secs_f64().max(1e-9);
+            let fraction = self.budget_fraction(elapsed, speed);
+            let (sum, stopping, fraction) = self.agree(self.step.loss_sum(), stopping, fraction)?;
+            self.time_fraction = fraction;
             let mean = (sum - sound.loss_sum) / (counted - sound.counted).max(1) as f64;
             if diverged(mean, self.vocab_size()) || !self.step.weights_finite() {
                 self.recover(k - 1, sound, mean, elapsed)?;
@@ -716,7 +762,11 @@ impl Session {
                 return Err(self.interrupted(false).into());
             }
         }
-        self.pos.batch = n;
+        // The time budget ends training here (the loop stopped at a sound check).
+        if k < n {
+            self.pos.budget_spent = true;
+        }
+        self.pos.batch = k;
         self.pos.loss_sum = sound.loss_sum;
         self.pos.loss_batches = sound.counted;
         self.pos.seconds += t0.elapsed().as_secs_f64();
@@ -737,12 +787,13 @@ impl Session {
 
     /// One training step on batch `k` (leaving CUDA graphs if a capture fails).
     fn run_step(&mut self, k: usize) -> Result<()> {
+        // The schedule decides the learning rate; this is the one place it reaches the step.
+        self.lr_now = self.schedule.at(self.progress(k));
+        self.step.set_lr(self.lr_now);
         let (x, y) = self.splits.train.get(k);
         // Each rank draws its own dropout masks for its own streams.
         let rank = self.group.as_ref().map_or(0, |g| g.rank as u64);
         let seed = step_seed(self.cfg.train.seed ^ rank.wrapping_mul(0xD1B5_4A32_D192_ED03), self.pos.epoch, k);
-        // The schedule decides the learning rate; this is the one place it reaches the step.
-        self.step.set_lr(self.schedule.lr);
         if let Err(e) = self.step.run(&x, &y, seed) {
             if !self.step.uses_graph() {
                 return Err(e);
@@ -791,7 +842,14 @@ impl Session {
             if t.epochs - self.pos.epoch == 1 { "" } else { "s" },
             speed / 1000.0
         );
-        if !self.device.is_cuda() && remaining > CPU_HINT_AFTER_S {
+        if let Some(b) = self.budget {
+            let left = (1.0 - self.time_fraction).max(0.0) * b.training_seconds(&self.reserve(speed));
+            msg.push_str(&format!(
+                "; the time budget (train.max_minutes = {}) ends training in about {}",
+                b.seconds / 60.0,
+                human_duration(left)
+            ));
+        } else if !self.device.is_cuda() && remaining > CPU_HINT_AFTER_S {
             msg.push_str(
                 "; that is long for a CPU: configs/rnnlm.toml (`make train CONFIG=configs/rnnlm.toml`) \
                  is the CPU-sized run",
@@ -847,7 +905,7 @@ impl Session {
         let epoch = self.pos.epoch;
         let train_loss = self.pos.loss_sum / self.pos.loss_batches.max(1) as f64;
         let train_ppl = train_loss.exp();
-        let lr_used = self.schedule.lr;
+        let lr_used = self.lr_now;
         let (valid_ppl, valid_bpc, valid_seconds) = self.validate()?;
         let averaging = self.step.averaging();
         let start_averaging = self.cfg.train.asgd
@@ -881,6 +939,8 @@ impl Session {
             peak_rss_mib: device::peak_rss_mib(),
         };
         self.record(&record)?;
+        self.last_valid_seconds = Some(valid_seconds);
+        self.pos.run_seconds += record.seconds + record.valid_seconds;
         self.pos.epoch += 1;
         self.pos.batch = 0;
         self.pos.loss_sum = 0.0;
@@ -934,7 +994,11 @@ impl Session {
     /// "epoch   3 | lr ... | best | ETA 12 min".
     fn epoch_line(&self, record: &EpochRecord, started_averaging: bool) -> String {
         let left = self.cfg.train.epochs - self.pos.epoch;
-        let eta = if left > 0 {
+        let eta = if self.pos.budget_spent {
+            " | time budget spent: testing".to_string()
+        } else if let Some(b) = self.budget {
+            format!(" | time budget: {} left", human_duration((b.seconds - self.pos.run_seconds).max(0.0)))
+        } else if left > 0 {
             let mean = self.epoch_walls.iter().sum::<f64>() / self.epoch_walls.len() as f64;
             format!(" | ETA {}", human_duration(mean * left as f64))
         } else {
@@ -1055,28 +1119,6 @@ pub fn human_duration(seconds: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lr_decays_exactly_when_validation_does_not_improve() {
-        let mut s = LrSchedule { lr: 20.0, factor: 4.0, best: None };
-        let mut lrs = Vec::new();
-        for ppl in [300.0, 200.0, 210.0, 190.0, 190.0, 150.0, f64::NAN] {
-            let improved = s.observe(ppl, false);
-            lrs.push((improved, s.lr));
-        }
-        assert_eq!(
-            lrs,
-            [(true, 20.0), (true, 20.0), (false, 5.0), (true, 5.0), (false, 1.25), (true, 1.25), (false, 0.3125)]
-        );
-        assert_eq!(s.best, Some(150.0));
-    }
-
-    #[test]
-    fn frozen_schedule_keeps_lr() {
-        let mut s = LrSchedule { lr: 30.0, factor: 4.0, best: Some(100.0) };
-        assert!(!s.observe(120.0, true));
-        assert_eq!(s.lr, 30.0);
-    }
 
     #[test]
     fn asgd_trigger_is_non_monotone() {

@@ -18,7 +18,23 @@ fn signal(child: &Child, sig: i32) {
 
 #[test]
 fn sigint_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted_run() {
-    let extra = "";
+    let s = interrupted_and_resumed_matches_uninterrupted("");
+
+    // A finished run cannot be resumed without more epochs; with more it continues.
+    let o = s.run(&["train", "--resume", "run"]);
+    assert_one_line_error(&o, &["already finished 3 epochs (train.epochs = 3)", "--epochs N, N > 3"]);
+    let o = s.run(&["train", "--resume", "run", "--epochs", "4", "--set", "train.lr=1"]);
+    assert_one_line_error(&o, &["when resuming, only", "train.lr"]);
+}
+
+#[test]
+fn a_cosine_schedule_with_warm_up_resumes_exactly_too() {
+    interrupted_and_resumed_matches_uninterrupted("schedule = \"cosine\"\nwarmup_steps = 250\nmin_lr = 1.0");
+}
+
+/// Trains the tiny config with `extra` [train] lines for 3 epochs straight, and again cut
+/// by SIGINT in epoch 2 and resumed: every epoch's validation perplexity must be the same.
+fn interrupted_and_resumed_matches_uninterrupted(extra: &str) -> Sandbox {
     let s = Sandbox::new();
     let cfg = s.config("c.toml", extra);
     let cfg = cfg.to_str().unwrap();
@@ -67,12 +83,7 @@ fn sigint_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted_run()
     for (a, b) in straight.iter().zip(&resumed) {
         assert!((a - b).abs() / a < 1e-9, "per-epoch validation perplexities differ: {straight:?} vs {resumed:?}");
     }
-
-    // A finished run cannot be resumed without more epochs; with more it continues.
-    let o = s.run(&["train", "--resume", "run"]);
-    assert_one_line_error(&o, &["already finished 3 epochs (train.epochs = 3)", "--epochs N, N > 3"]);
-    let o = s.run(&["train", "--resume", "run", "--epochs", "4", "--set", "train.lr=1"]);
-    assert_one_line_error(&o, &["when resuming, only", "train.lr"]);
+    s
 }
 
 #[test]
