@@ -22,6 +22,7 @@ ROOT = os.path.dirname(HERE)
 
 SIZES = {
     "rnnlm": [],
+    "2x100": ["model.num_layers=2"],
     "2x200": ["model.num_layers=2", "model.wordvec_size=200", "model.hidden_size=200", "model.dropout=0.2",
               "model.tie_weights=true"],
 }

@@ -309,6 +309,10 @@ pub struct TrainConfig {
     /// the cosine schedule spans the training time. `epochs` stays an upper bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_minutes: Option<f64>,
+    /// After the test perplexity, also score the test split with dynamic evaluation (Krause
+    /// et al. 2018; the defaults of `ptb-lm eval --dynamic`), into summary.json.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dynamic_eval: bool,
 }
 
 /// `train.schedule`.

@@ -188,6 +188,14 @@ pub struct Summary {
     pub test_bpc: f64,
     pub test_seconds: f64,
     pub train_seconds: f64,
+    /// With `train.dynamic_eval`: the test split under dynamic evaluation, and the seconds
+    /// of its gradient statistics and pass together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_ppl_dynamic: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_bpc_dynamic: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_seconds: Option<f64>,
 }
 
 /// Starts a new run of `cfg`. Everything that can be checked is checked before the run
@@ -571,6 +579,7 @@ impl Session {
                 Some(s) if s > 0.0 => valid_tokens / s,
                 _ => 2.0 * train_speed,
             },
+            dynamic: self.cfg.train.dynamic_eval.then(|| (tokens(&self.splits.train), train_speed)),
         }
     }
 
@@ -1091,8 +1100,10 @@ impl Session {
             test_bpc: self.splits.bpc(2, test_loss),
             test_seconds: t.elapsed().as_secs_f64(),
             train_seconds: self.records.iter().map(|r| r.seconds + r.valid_seconds).sum(),
+            test_ppl_dynamic: None,
+            test_bpc_dynamic: None,
+            dynamic_seconds: None,
         };
-        crate::fsutil::write_atomic(&self.run.summary(), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         self.reporter.line(&format!(
             "best valid ppl {:.2} (epoch {}) | test ppl {:.2} | test bpc {:.4} | checkpoint {}",
             summary.best_valid_ppl.unwrap_or(f64::NAN),
@@ -1101,7 +1112,37 @@ impl Session {
             summary.test_bpc,
             self.run.best().display()
         ));
+        let mut summary = summary;
+        if self.cfg.train.dynamic_eval {
+            let t = Instant::now();
+            let report = self.dynamic_test()?;
+            summary.test_ppl_dynamic = Some(report.ppl);
+            summary.test_bpc_dynamic = Some(report.bpc);
+            summary.dynamic_seconds = Some(t.elapsed().as_secs_f64());
+            self.reporter.line(&format!(
+                "test ppl {:.2} | test bpc {:.4} with {} ({:.0} s)",
+                report.ppl,
+                report.bpc,
+                report.name.trim_start_matches("test (").trim_end_matches(')'),
+                t.elapsed().as_secs_f64()
+            ));
+        }
+        // The summary is the run's commit point: written whole, after every evaluation.
+        crate::fsutil::write_atomic(&self.run.summary(), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         Ok(summary)
+    }
+
+    /// `train.dynamic_eval`: the test split of best/ under dynamic evaluation, exactly as
+    /// `ptb-lm eval --checkpoint RUN/best --dynamic` scores it (statistics kept in best/).
+    fn dynamic_test(&self) -> Result<eval::EvalReport> {
+        let opts = eval::DynamicOptions {
+            settings: crate::dynamic::Settings::default(),
+            search: false,
+            search_tokens: 0,
+            stats_batches: None,
+        };
+        let target = eval::Target::Split(Split::Test);
+        eval::run(&self.run.best(), &target, &eval::CorpusPlace::default(), self.cfg.run.device, None, Some(&opts))
     }
 }
 

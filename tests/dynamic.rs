@@ -222,3 +222,26 @@ fn dynamic_flags_are_refused_without_dynamic_evaluation_and_batch_size_with_it()
         assert_one_line_error(&o, expect);
     }
 }
+
+#[test]
+fn training_with_dynamic_eval_reports_what_eval_dynamic_prints_and_keeps_its_statistics() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "dynamic_eval = true");
+    let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("with dynamic: lr"), "{}", stdout(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
+    assert!(dynamic.is_finite() && fixed.is_finite());
+    assert!(summary["test_bpc_dynamic"].as_f64().unwrap() > 0.0);
+    // The same statistics (kept in best/, not recomputed), weights and thread count: eval
+    // prints the same number, to its 4 decimals.
+    let o = s.run(&["--threads", "1", "eval", "--checkpoint", "run/best", "--device", "cpu", "--dynamic"]);
+    assert_success(&o);
+    assert!(!stderr(&o).contains("gradient statistics over"), "recomputed: {}", stderr(&o));
+    let out = stdout(&o);
+    let rest = &out[out.find("perplexity: ").unwrap() + "perplexity: ".len()..];
+    let printed: f64 = rest.split(|c: char| c == ';' || c.is_whitespace()).next().unwrap().parse().unwrap();
+    assert!((printed - dynamic).abs() <= 0.5e-4 * printed.max(1.0), "eval {printed} vs summary {dynamic}");
+}
