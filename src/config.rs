@@ -294,6 +294,12 @@ pub struct TrainConfig {
     /// with locked dropout or weight drop, which need the layers one by one.
     #[serde(default = "yes")]
     pub fused_lstm: bool,
+    /// Once per epoch, after training, measure how the gradient of the loss flows back
+    /// through time on one fixed validation batch (‖dL/dh_t‖ for t = T..1; see
+    /// [`crate::gradflow`]) into metrics.jsonl and grad_norm.png. Training is unchanged by
+    /// it. Left out of written configs when off, so they read as they always did.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub log_grad_norm: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -328,6 +334,9 @@ fn default_max_nan_restarts() -> usize {
 }
 fn yes() -> bool {
     true
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -9,6 +9,7 @@
 //! * [`step`]: one training step (eager or replayed from a CUDA graph)
 //! * [`train`]: the epoch loop, learning-rate schedule, resume and NaN recovery
 //! * [`eval`]: perplexity and the `eval` command
+//! * [`gradflow`]: the gradient's norm through time (`train.log_grad_norm`, the book's §6.1 figure)
 //! * [`dynamic`]: dynamic evaluation (Krause et al. 2018)
 //! * [`generate`]: sampling text
 //! * [`checkpoint`]: atomic, checked checkpoints
@@ -32,6 +33,7 @@ pub mod eval;
 pub mod failpoint;
 pub mod fsutil;
 pub mod generate;
+pub mod gradflow;
 pub mod interrupt;
 pub mod metrics;
 pub mod model;
