@@ -34,6 +34,10 @@ pub struct EpochRecord {
     pub averaging: bool,
     pub peak_gpu_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// With `train.log_grad_norm`: ‖dL/dh_t‖ on one fixed validation batch, from 0 to T−1
+    /// steps back in time (see [`crate::gradflow`]); absent otherwise and in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm_through_time: Option<Vec<f64>>,
 }
 
 pub struct MetricsLog {
