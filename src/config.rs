@@ -662,6 +662,18 @@ mod tests {
     }
 
     #[test]
+    fn log_grad_norm_is_off_unless_asked_and_a_config_without_it_reads_as_it_always_did() {
+        let off = Config::parse(MIN, &[]).unwrap();
+        assert!(!off.train.log_grad_norm);
+        assert!(!off.to_toml().contains("log_grad_norm"));
+        let on = Config::parse(MIN, &["train.log_grad_norm=true".into()]).unwrap();
+        assert!(on.train.log_grad_norm);
+        assert_eq!(Config::parse(&on.to_toml(), &[]).unwrap(), on);
+        let err = Config::parse(MIN, &["train.log_grad_norm=1".into()]).unwrap_err().to_string();
+        assert!(err.starts_with("train.log_grad_norm: invalid type"), "{err}");
+    }
+
+    #[test]
     fn syntax_error_gives_line() {
         let err = Config::parse("[model]\nwordvec_size = = 3\n", &[]).unwrap_err().to_string();
         assert!(err.starts_with("line 2:"), "{err}");
