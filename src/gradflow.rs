@@ -13,9 +13,10 @@
 //! for t = T..1. The gradients are taken with autograd's `grad` (tch's
 //! [`Tensor::f_run_backward`] with inputs), which returns them without accumulating into
 //! any parameter's `.grad`, and nothing draws from the random generator, so training goes
-//! on exactly as without it. On CUDA, cuDNN is off while it runs: cuDNN would want the
-//! layers' weights in the buffers of its own calls (one for all layers when fused) and
-//! warn at every step; libtorch's own CUDA kernels compute the same cells.
+//! on exactly as without it. On CUDA, cuDNN is off while it runs (libtorch's own CUDA
+//! kernels compute the same cells): cuDNN wants each call's weights in one buffer of its
+//! own, which a step-by-step call on fused layers' weights is not (it would copy them, and
+//! warn, at every step).
 
 use crate::model::LstmLm;
 use anyhow::{Context, Result};
