@@ -417,4 +417,8 @@ fn logging_the_gradient_through_time_changes_nothing_that_is_trained() {
     let later = records(&s.path("later"));
     assert_eq!(later.iter().map(|r| grad_norms(r).is_some()).collect::<Vec<_>>(), [false, true]);
     assert!(s.path("later/grad_norm.png").exists());
+
+    // --overwrite deletes the old run's plot with the rest: no stale figure beside a new run.
+    assert_success(&train(&["--out-dir", "on", "--overwrite", "--stop-after", "1"]));
+    assert!(!s.path("on/grad_norm.png").exists());
 }
