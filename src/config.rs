@@ -311,8 +311,14 @@ pub struct TrainConfig {
     pub max_minutes: Option<f64>,
     /// After the test perplexity, also score the test split with dynamic evaluation (Krause
     /// et al. 2018; the defaults of `ptb-lm eval --dynamic`), into summary.json.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub dynamic_eval: bool,
+    /// Once per epoch, after training, measure how the gradient of the loss flows back
+    /// through time on one fixed validation batch (‖dL/dh_t‖ for t = T..1; see
+    /// [`crate::gradflow`]) into metrics.jsonl and grad_norm.png. Training is unchanged by
+    /// it. Left out of written configs when off, so they read as they always did.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub log_grad_norm: bool,
 }
 
 /// `train.schedule`.
@@ -369,6 +375,9 @@ fn default_max_nan_restarts() -> usize {
 }
 fn yes() -> bool {
     true
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -703,6 +712,18 @@ mod tests {
         assert!(err(&["data.tokenizer=\"bytes\""]).starts_with("data.tokenizer: unknown variant"));
         // A word config's text leaves the new keys out, so it reads as it always did.
         assert!(!Config::parse(MIN, &[]).unwrap().to_toml().contains("tokenizer"));
+    }
+
+    #[test]
+    fn log_grad_norm_is_off_unless_asked_and_a_config_without_it_reads_as_it_always_did() {
+        let off = Config::parse(MIN, &[]).unwrap();
+        assert!(!off.train.log_grad_norm);
+        assert!(!off.to_toml().contains("log_grad_norm"));
+        let on = Config::parse(MIN, &["train.log_grad_norm=true".into()]).unwrap();
+        assert!(on.train.log_grad_norm);
+        assert_eq!(Config::parse(&on.to_toml(), &[]).unwrap(), on);
+        let err = Config::parse(MIN, &["train.log_grad_norm=1".into()]).unwrap_err().to_string();
+        assert!(err.starts_with("train.log_grad_norm: invalid type"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! * [`train`]: the epoch loop, resume and NaN recovery
 //! * [`schedule`]: the learning rate of every step, and the time budget
 //! * [`eval`]: perplexity and the `eval` command
+//! * [`gradflow`]: the gradient's norm through time (`train.log_grad_norm`, the book's §6.1 figure)
 //! * [`dynamic`]: dynamic evaluation (Krause et al. 2018)
 //! * [`generate`]: sampling text
 //! * [`checkpoint`]: atomic, checked checkpoints
@@ -33,6 +34,7 @@ pub mod eval;
 pub mod failpoint;
 pub mod fsutil;
 pub mod generate;
+pub mod gradflow;
 pub mod interrupt;
 pub mod metrics;
 pub mod model;

@@ -34,6 +34,10 @@ pub struct EpochRecord {
     pub averaging: bool,
     pub peak_gpu_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// With `train.log_grad_norm`: ‖dL/dh_t‖ on one fixed validation batch, from 0 to T−1
+    /// steps back in time (see [`crate::gradflow`]); absent otherwise and in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm_through_time: Option<Vec<f64>>,
 }
 
 pub struct MetricsLog {
@@ -82,5 +86,22 @@ impl MetricsLog {
         }
         crate::fsutil::write_atomic(&self.path, text.as_bytes())?;
         Ok(kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_without_the_gradient_norm_reads_and_writes_as_before() {
+        let old = r#"{"epoch":1,"lr":20.0,"train_ppl":900.0,"valid_ppl":800.0,"tokens_per_s":1.0,"seconds":2.0,"valid_seconds":0.5,"device":"cpu","improved":true,"cuda_graph":false,"averaging":false,"peak_gpu_mib":null,"peak_rss_mib":null}"#;
+        let mut r: EpochRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.grad_norm_through_time, None);
+        assert!(!serde_json::to_string(&r).unwrap().contains("grad_norm"));
+        r.grad_norm_through_time = Some(vec![0.5, 0.25]);
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(r#""grad_norm_through_time":[0.5,0.25]"#), "{text}");
+        assert_eq!(serde_json::from_str::<EpochRecord>(&text).unwrap(), r);
     }
 }

@@ -263,6 +263,16 @@ impl LstmLm {
         &self.embedding
     }
 
+    pub fn decoder_bias(&self) -> &Tensor {
+        &self.decoder_bias
+    }
+
+    /// Each recurrent layer's `[weight_ih, weight_hh, bias_ih, bias_hh]`, bottom first (for
+    /// running the cell step by step outside [`LstmLm::forward`], as [`crate::gradflow`] does).
+    pub fn layer_weights(&self) -> Vec<[&Tensor; 4]> {
+        self.layers.iter().map(Layer::weights).collect()
+    }
+
     /// Runs `x` (T, B) of word ids from `state`. With `train`, dropout is active.
     pub fn forward(&self, x: &Tensor, state: &State, train: bool) -> Forward {
         let cfg = &self.cfg;

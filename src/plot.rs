@@ -1,6 +1,7 @@
 //! Line charts as PNG files: the train/validation perplexity curve of a run, like the book's
-//! `trainer.plot()`, and any other curves (the sine example's). Text uses a font compiled
-//! into the binary, so no system fonts are needed.
+//! `trainer.plot()`, the gradient's norm through time (`train.log_grad_norm`, on a log
+//! scale, like the book's §6.1 figure), and any other curves (the sine example's). Text uses
+//! a font compiled into the binary, so no system fonts are needed.
 
 use crate::metrics::EpochRecord;
 use anyhow::{anyhow, Result};
@@ -58,6 +59,93 @@ pub fn perplexity_png(records: &[EpochRecord], path: &Path, title: &str) -> Resu
             Series { name: "valid", points: points(|r| r.valid_ppl), markers: true },
         ],
     )
+}
+
+/// The gradient's norm through time (`train.log_grad_norm`): ‖dL/dh_t‖ against the steps it
+/// travelled back, y on a log scale, for the first, the middle and the last epoch that
+/// measured it. Written through a temporary file, as [`line_chart_png`]'s; an error when no
+/// epoch measured it.
+pub fn grad_norm_png(records: &[EpochRecord], path: &Path, title: &str) -> Result<()> {
+    let measured: Vec<(usize, &Vec<f64>)> =
+        records.iter().filter_map(|r| r.grad_norm_through_time.as_ref().map(|n| (r.epoch, n))).collect();
+    if measured.is_empty() {
+        return Err(anyhow!("{}: no epoch measured the gradient's norm through time", path.display()));
+    }
+    let mut picks = vec![0, measured.len() / 2, measured.len() - 1];
+    picks.dedup();
+    let names: Vec<String> = picks.iter().map(|&i| format!("epoch {}", measured[i].0)).collect();
+    let series: Vec<Series> = picks
+        .iter()
+        .zip(&names)
+        .map(|(&i, name)| Series {
+            name,
+            points: measured[i].1.iter().enumerate().map(|(k, &v)| (k as f64, v)).collect(),
+            markers: false,
+        })
+        .collect();
+    register_font();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("partial.png");
+    let chart = Chart { title, x_desc: "steps back in time (T - t)", y_desc: "norm of dL/dh_t", integer_x: true };
+    draw_log_y(&tmp, &chart, &series).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// As [`draw`], with y on a log scale; points that are not finite and positive are left out.
+fn draw_log_y(path: &Path, c: &Chart, series: &[Series]) -> Result<(), Box<dyn std::error::Error>> {
+    let shown = |s: &Series| -> Vec<(f64, f64)> {
+        s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite() && *y > 0.0).collect()
+    };
+    let all: Vec<(f64, f64)> = series.iter().flat_map(shown).collect();
+    if all.is_empty() {
+        return Err("nothing to plot".into());
+    }
+    let fold = |f: fn(&(f64, f64)) -> f64| {
+        all.iter().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
+    };
+    let (x0, mut x1) = fold(|p| p.0);
+    let (y0, y1) = fold(|p| p.1);
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let area = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    area.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&area)
+        .caption(c.title, (FONT, 24))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(x0..x1, (y0 / 1.2..y1 * 1.2).log_scale())?;
+    let x_labels = if c.integer_x { ((x1 - x0) as usize + 1).min(20) } else { 10 };
+    chart
+        .configure_mesh()
+        .x_desc(c.x_desc)
+        .y_desc(c.y_desc)
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .x_labels(x_labels)
+        .y_labels(12)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0e}"))
+        .draw()?;
+    for (s, color) in series.iter().zip(COLORS.iter().cycle()) {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(shown(s), color.stroke_width(2)))?
+            .label(s.name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 16))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    area.present()?;
+    Ok(())
 }
 
 fn draw(path: &Path, c: &Chart, series: &[Series]) -> Result<(), Box<dyn std::error::Error>> {

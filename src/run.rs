@@ -7,6 +7,7 @@
 //!   last/           resumable checkpoint (end of the last epoch, or where it was interrupted)
 //!   metrics.jsonl   one line per epoch
 //!   perplexity.png  train/valid perplexity per epoch
+//!   grad_norm.png   the gradient's norm through time (with train.log_grad_norm)
 //!   summary.json    final figures, test perplexity of best/
 //!   corpus.json     what was read: files, split lines, vocabulary and token counts
 //!   .lock           flock(2)ed by the process training here
@@ -30,7 +31,7 @@ pub struct RunLock {
 
 /// Names ptb-lm writes into a run directory. Only what carries ptb-lm's own markers under
 /// these names counts as a run's (and only that may --overwrite remove): see [`RunDir::owned`].
-const NAMES: [&str; 12] = [
+const NAMES: [&str; 14] = [
     "corpus.json",
     "best",
     "last",
@@ -43,6 +44,8 @@ const NAMES: [&str; 12] = [
     "best.old",
     "last.old",
     "perplexity.partial.png",
+    "grad_norm.png",
+    "grad_norm.partial.png",
 ];
 
 /// The first line of every config.toml ptb-lm writes.
@@ -73,6 +76,9 @@ impl RunDir {
     }
     pub fn plot(&self) -> PathBuf {
         self.root.join("perplexity.png")
+    }
+    pub fn grad_norm_plot(&self) -> PathBuf {
+        self.root.join("grad_norm.png")
     }
     pub fn summary(&self) -> PathBuf {
         self.root.join("summary.json")

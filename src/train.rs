@@ -7,7 +7,8 @@
 //! per-step seeds derived from (seed, epoch, batch) so an interrupted and resumed run
 //! computes exactly what an uninterrupted one does, and recovery from non-finite losses. A run
 //! cut in its final test evaluation has every epoch saved: resuming it scores the test split
-//! and writes `summary.json`.
+//! and writes `summary.json`. With `train.log_grad_norm`, each epoch also measures the
+//! gradient's norm through time ([`crate::gradflow`]) after validation.
 
 use crate::checkpoint::{self, Checkpoint, Meta, Resume};
 use crate::config::Config;
@@ -16,6 +17,7 @@ use crate::device;
 use crate::dist::{self, Group, Launch};
 use crate::eval;
 use crate::failpoint;
+use crate::gradflow;
 use crate::interrupt;
 use crate::metrics::{EpochRecord, MetricsLog};
 use crate::model::LstmLm;
@@ -337,8 +339,14 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
             run_dir.display()
         );
     }
-    let allowed =
-        ["train.epochs", "run.device", "data.dir/file/train/valid/test", "train.max_nan_restarts", "train.cuda_graph"];
+    let allowed = [
+        "train.epochs",
+        "run.device",
+        "data.dir/file/train/valid/test",
+        "train.max_nan_restarts",
+        "train.cuda_graph",
+        "train.log_grad_norm",
+    ];
     let mut probe = cfg.clone();
     probe.train.epochs = old.train.epochs;
     probe.run.device = old.run.device;
@@ -349,6 +357,7 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
     probe.data.test = old.data.test.clone();
     probe.train.max_nan_restarts = old.train.max_nan_restarts;
     probe.train.cuda_graph = old.train.cuda_graph;
+    probe.train.log_grad_norm = old.train.log_grad_norm;
     if &probe != old {
         bail!("when resuming, only {} may change ({})", allowed.join(", "), crate::run::config_diff(old, &probe));
     }
@@ -916,6 +925,7 @@ impl Session {
         let train_ppl = train_loss.exp();
         let lr_used = self.lr_now;
         let (valid_ppl, valid_bpc, valid_seconds) = self.validate()?;
+        let grad_norm_through_time = self.grad_norm_through_time()?;
         let averaging = self.step.averaging();
         let start_averaging = self.cfg.train.asgd
             && !averaging
@@ -946,6 +956,7 @@ impl Session {
             averaging,
             peak_gpu_mib: device::peak_gpu_mib(self.device),
             peak_rss_mib: device::peak_rss_mib(),
+            grad_norm_through_time,
         };
         self.record(&record)?;
         self.last_valid_seconds = Some(valid_seconds);
@@ -986,7 +997,28 @@ impl Session {
         Ok((valid_ppl, self.splits.bpc(1, valid_loss), t.elapsed().as_secs_f64()))
     }
 
-    /// Appends the epoch to metrics.jsonl and redraws the plot.
+    /// With `train.log_grad_norm`, the gradient's norm through time on the validation split's
+    /// first batch, for the weights being trained (not averaged-SGD means); the leading rank
+    /// alone measures (no collective). A norm that overflowed is said in a warning, and the
+    /// epoch's record goes without the field.
+    fn grad_norm_through_time(&self) -> Result<Option<Vec<f64>>> {
+        if !self.cfg.train.log_grad_norm || !self.leads() {
+            return Ok(None);
+        }
+        let (x, y) = self.splits.valid.get(0);
+        let norms = gradflow::norms_through_time(&self.step.model, &x, &y)?;
+        if let Some(k) = norms.iter().position(|n| !n.is_finite()) {
+            self.reporter.warn(&format!(
+                "epoch {}: the gradient's norm through time is not finite {k} steps back (it exploded beyond \
+                 float range); metrics.jsonl records this epoch without it",
+                self.pos.epoch + 1
+            ));
+            return Ok(None);
+        }
+        Ok(Some(norms))
+    }
+
+    /// Appends the epoch to metrics.jsonl and redraws the plots.
     fn record(&mut self, record: &EpochRecord) -> Result<()> {
         self.records.push(record.clone());
         if !self.leads() {
@@ -996,6 +1028,12 @@ impl Session {
         let title = format!("{}: perplexity per epoch", self.run.root.display());
         if let Err(e) = plot::perplexity_png(&self.records, &self.run.plot(), &title) {
             self.reporter.warn(&format!("{e:#}"));
+        }
+        if self.records.iter().any(|r| r.grad_norm_through_time.is_some()) {
+            let title = format!("{}: gradient norm through time ({})", self.run.root.display(), self.cfg.model.cell);
+            if let Err(e) = plot::grad_norm_png(&self.records, &self.run.grad_norm_plot(), &title) {
+                self.reporter.warn(&format!("{e:#}"));
+            }
         }
         Ok(())
     }

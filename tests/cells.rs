@@ -3,13 +3,15 @@
 //! line, mid-epoch through a checkpoint's carried state), evaluates static and dynamic,
 //! generates, and plain PyTorch (nn.Embedding + nn.LSTM / nn.GRU / nn.RNN + nn.Linear, built
 //! by bench/load_checkpoint.py from model.safetensors) scores a text as `ptb-lm eval --file`
-//! does.
+//! does. With `train.log_grad_norm`, each cell measures the gradient's norm through time
+//! (src/gradflow.rs) without changing what it trains.
 
 mod common;
 
 use common::*;
 use ptb_lm::cell::{Cell, ALL};
 use ptb_lm::checkpoint::{self, Checkpoint, Meta};
+use ptb_lm::gradflow;
 use ptb_lm::model::LstmLm;
 use ptb_lm::step::TrainStep;
 use std::path::{Path, PathBuf};
@@ -278,4 +280,145 @@ fn every_cell_resumes_mid_epoch_from_its_saved_state_as_if_never_stopped() {
         run_steps(&mut fresh, 4..8);
         assert!(!close(a, fresh.loss_sum(), 1e-6), "{cell}: the carried state made no difference");
     }
+}
+
+/// The metrics.jsonl records of a run, as JSON.
+fn records(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// An epoch record's `grad_norm_through_time`, None when absent.
+fn grad_norms(record: &serde_json::Value) -> Option<Vec<f64>> {
+    record.get("grad_norm_through_time").map(|v| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+}
+
+/// A model of `small(cell)` with weights of order one (seeded, under the caller's RNG lock).
+fn small_model(cell: Cell) -> LstmLm {
+    tch::manual_seed(1);
+    let model = LstmLm::new(&small(cell).model, Device::Cpu, Kind::Float).unwrap();
+    tch::no_grad(|| {
+        for p in model.parameters() {
+            p.shallow_clone().copy_(&(p.randn_like() * 0.5));
+        }
+    });
+    model
+}
+
+#[test]
+fn the_gradient_through_time_starts_at_the_last_steps_loss_and_touches_no_grad_and_no_random_draw() {
+    let _rng = rng_lock();
+    let (x, y) = (batch(7), batch(8));
+    let (steps, b) = (x.size()[0], x.size()[1]);
+    for cell in ALL {
+        let model = small_model(cell);
+        tch::manual_seed(42);
+        let norms = gradflow::norms_through_time(&model, &x, &y).unwrap();
+        let drawn_after = Tensor::rand([4], (Kind::Float, Device::Cpu));
+        tch::manual_seed(42);
+        let drawn = Tensor::rand([4], (Kind::Float, Device::Cpu));
+        assert!(drawn_after.equal(&drawn), "{cell}: it drew from the random generator");
+        for (name, p) in model.named_parameters() {
+            assert!(!p.grad().defined(), "{cell}: {name}.grad was written");
+        }
+        assert_eq!(norms.len(), steps as usize, "{cell}: one norm per time step");
+        assert!(norms.iter().all(|n| n.is_finite() && *n > 0.0), "{cell}: {norms:?}");
+        // 0 steps back the gradient is the decoder's: W^T (softmax(z_T) - onehot(y_T)) / B,
+        // for the last step's loss alone (over all steps it would be T times smaller).
+        let logits = model.forward(&x, &model.zero_state(b), false).logits.detach().get(steps - 1);
+        let dz = (logits.softmax(-1, Kind::Float) - y.get(steps - 1).one_hot(logits.size()[1]).to_kind(Kind::Float))
+            / b as f64;
+        let want = f64::try_from(dz.matmul(&model.decoder_weight().detach()).norm()).unwrap();
+        assert!(close(norms[0], want, 1e-4), "{cell}: 0 steps back {} vs the decoder's {want}", norms[0]);
+    }
+}
+
+#[test]
+fn a_tanh_rnn_whose_recurrent_weights_contract_loses_half_its_gradient_norm_with_every_step_back() {
+    let _rng = rng_lock();
+    let model = small_model(Cell::RnnTanh);
+    // ‖W_hh‖₂ ≤ ‖W_hh‖_F = 1/2 and |tanh'| ≤ 1, so dL/dh_t = W_hhᵀ diag(1 - h²) dL/dh_{t+1}
+    // has at most half the norm of dL/dh_{t+1}, whatever the rounding.
+    tch::no_grad(|| {
+        for (name, p) in model.named_parameters() {
+            if name.ends_with("weight_hh") {
+                let scaled = &p * (0.5 / f64::try_from(p.norm()).unwrap());
+                p.shallow_clone().copy_(&scaled);
+            }
+        }
+    });
+    let norms = gradflow::norms_through_time(&model, &batch(7), &batch(8)).unwrap();
+    assert_eq!(norms.len(), 5);
+    for k in 1..norms.len() {
+        assert!(norms[k] > 0.0 && norms[k] <= 0.5 * norms[k - 1] * (1.0 + 1e-4), "{k} steps back: {norms:?}");
+    }
+}
+
+#[test]
+fn with_log_grad_norm_every_cell_records_a_finite_norm_per_time_step_each_epoch_and_plots_them() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "log_grad_norm = true\n");
+    for cell in ALL {
+        let out = format!("run-{}", cell.key());
+        let set = format!("model.cell={}", cell.key());
+        let args = ["train", "--config", cfg.to_str().unwrap(), "--set", &set, "--out-dir", &out];
+        let small = ["--set", "data.train_tokens=4000", "--epochs", "2"];
+        assert_success(&s.run(&[&args[..], &settings_of(cell), &small].concat()));
+        let run = s.path(&out);
+        let records = records(&run);
+        assert_eq!(records.len(), 2);
+        for r in &records {
+            let norms = grad_norms(r).unwrap_or_else(|| panic!("{cell}: no grad_norm_through_time in {r}"));
+            assert_eq!(norms.len(), 20, "{cell}: one norm per step of train.bptt");
+            assert!(norms.iter().all(|n| n.is_finite() && *n > 0.0), "{cell}: {norms:?}");
+        }
+        let png = std::fs::read(run.join("grad_norm.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{cell}: grad_norm.png is not a PNG");
+        assert!(!run.join("grad_norm.partial.png").exists());
+        assert_no_null_numbers(&run);
+    }
+}
+
+#[test]
+fn logging_the_gradient_through_time_changes_nothing_that_is_trained() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let train = |extra: &[&str]| {
+        let base = ["train", "--config", cfg.to_str().unwrap(), "--set", "data.train_tokens=4000", "--epochs", "2"];
+        s.run(&[&base[..], extra].concat())
+    };
+    assert_success(&train(&["--out-dir", "off"]));
+    assert_success(&train(&["--out-dir", "on", "--set", "train.log_grad_norm=true"]));
+    let (off, on) = (records(&s.path("off")), records(&s.path("on")));
+    assert!(off.iter().all(|r| grad_norms(r).is_none()), "off by default");
+    assert!(on.iter().all(|r| grad_norms(r).is_some()));
+    assert!(!s.path("off/grad_norm.png").exists());
+    for key in ["train_ppl", "valid_ppl"] {
+        let pick = |rs: &[serde_json::Value]| rs.iter().map(|r| r[key].as_f64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(pick(&off), pick(&on), "{key} per epoch");
+    }
+    let summary = |run: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(s.path(run).join("summary.json")).unwrap()).unwrap()
+    };
+    assert_eq!(summary("off")["test_ppl"], summary("on")["test_ppl"]);
+    let (a, b) = (Checkpoint::load(&s.path("off/last")).unwrap(), Checkpoint::load(&s.path("on/last")).unwrap());
+    assert_eq!(a.weights.len(), b.weights.len());
+    for (name, p) in &a.weights {
+        let q = &b.weights.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} is missing")).1;
+        assert!(p.equal(q), "{name} differs");
+    }
+
+    // Switched on when resuming (it changes nothing trained, so it may): from that epoch on.
+    assert_success(&train(&["--out-dir", "later", "--stop-after", "1"]));
+    assert_success(&s.run(&["train", "--resume", "later", "--set", "train.log_grad_norm=true"]));
+    let later = records(&s.path("later"));
+    assert_eq!(later.iter().map(|r| grad_norms(r).is_some()).collect::<Vec<_>>(), [false, true]);
+    assert!(s.path("later/grad_norm.png").exists());
+
+    // --overwrite deletes the old run's plot with the rest: no stale figure beside a new run.
+    assert_success(&train(&["--out-dir", "on", "--overwrite", "--stop-after", "1"]));
+    assert!(!s.path("on/grad_norm.png").exists());
 }
