@@ -7,6 +7,7 @@
 //! * [`model`]: the recurrent language model
 //! * [`cell`]: the recurrent cell (LSTM, GRU, plain RNN) and all that differs between them
 //! * [`step`]: one training step (eager or replayed from a CUDA graph)
+//! * [`optim`]: the step's update rule (SGD, or AdamW) and its state
 //! * [`train`]: the epoch loop, learning-rate schedule, resume and NaN recovery
 //! * [`eval`]: perplexity and the `eval` command
 //! * [`dynamic`]: dynamic evaluation (Krause et al. 2018)
@@ -35,6 +36,7 @@ pub mod generate;
 pub mod interrupt;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod run;
