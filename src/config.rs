@@ -256,7 +256,21 @@ pub struct TrainConfig {
     /// Batch size used for validation and test perplexity (the book's eval_perplexity: 10).
     #[serde(default = "default_eval_batch_size")]
     pub eval_batch_size: i64,
-    /// L2 penalty added to the SGD update (off by default).
+    /// The update rule: "sgd" (the book's, the default) or "adam" (AdamW; see
+    /// [`crate::optim`]). Left out of an SGD run's files, so they read as before.
+    #[serde(default, skip_serializing_if = "OptimizerKind::is_sgd")]
+    pub optimizer: OptimizerKind,
+    /// Adam's decay rates of the first and second moment estimates, and the term added to
+    /// the denominator (Kingma & Ba 2015); only with `optimizer = "adam"`.
+    #[serde(default = "default_adam_beta1", skip_serializing_if = "is_default_adam_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "default_adam_beta2", skip_serializing_if = "is_default_adam_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "default_adam_eps", skip_serializing_if = "is_default_adam_eps")]
+    pub adam_eps: f64,
+    /// SGD: an L2 penalty added to the update (p -= lr * weight_decay * p). Adam: decoupled
+    /// weight decay (Loshchilov & Hutter 2019), the same shrinking apart from the adaptive
+    /// step. Off by default.
     #[serde(default)]
     pub weight_decay: f64,
     /// Activation regularisation: alpha * mean(h²) on the last layer's dropped output
@@ -341,6 +355,42 @@ fn is_zero_u64(v: &u64) -> bool {
 }
 fn is_zero_f64(v: &f64) -> bool {
     *v == 0.0
+}
+
+/// The update rule of training (`train.optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Stochastic gradient descent, as in the book.
+    #[default]
+    Sgd,
+    /// Adam with decoupled weight decay (AdamW), as torch.optim.AdamW.
+    Adam,
+}
+
+impl OptimizerKind {
+    pub fn is_sgd(&self) -> bool {
+        *self == OptimizerKind::Sgd
+    }
+}
+
+fn default_adam_beta1() -> f64 {
+    0.9
+}
+fn default_adam_beta2() -> f64 {
+    0.999
+}
+fn default_adam_eps() -> f64 {
+    1e-8
+}
+fn is_default_adam_beta1(v: &f64) -> bool {
+    v.to_bits() == default_adam_beta1().to_bits()
+}
+fn is_default_adam_beta2(v: &f64) -> bool {
+    v.to_bits() == default_adam_beta2().to_bits()
+}
+fn is_default_adam_eps(v: &f64) -> bool {
+    v.to_bits() == default_adam_eps().to_bits()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -533,6 +583,31 @@ impl Config {
         if t.asgd && t.asgd_nonmono == 0 {
             bail!("train.asgd_nonmono must be at least 1");
         }
+        for (key, b) in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("{key} must be in [0, 1) (got {b})");
+            }
+        }
+        if !(t.adam_eps.is_finite() && t.adam_eps > 0.0) {
+            bail!("train.adam_eps must be a positive number (got {})", t.adam_eps);
+        }
+        match t.optimizer {
+            OptimizerKind::Adam if t.asgd => bail!(
+                "train.asgd = true does not go with train.optimizer = \"adam\": averaged SGD is defined for SGD; \
+                 set train.asgd = false or train.optimizer = \"sgd\""
+            ),
+            OptimizerKind::Sgd
+                if !(is_default_adam_beta1(&t.adam_beta1)
+                    && is_default_adam_beta2(&t.adam_beta2)
+                    && is_default_adam_eps(&t.adam_eps)) =>
+            {
+                bail!(
+                    "train.adam_beta1, train.adam_beta2 and train.adam_eps are only for train.optimizer = \"adam\" \
+                     (this config uses sgd); remove them or set train.optimizer = \"adam\""
+                )
+            }
+            _ => {}
+        }
         if self.run.out_dir.as_os_str().is_empty() {
             bail!("run.out_dir must name a directory (got an empty path)");
         }
@@ -724,6 +799,31 @@ mod tests {
         assert_eq!(Config::parse(&on.to_toml(), &[]).unwrap(), on);
         let err = Config::parse(MIN, &["train.log_grad_norm=1".into()]).unwrap_err().to_string();
         assert!(err.starts_with("train.log_grad_norm: invalid type"), "{err}");
+    }
+
+    #[test]
+    fn adam_keys_are_checked_and_an_sgd_config_reads_and_writes_as_before() {
+        let c = Config::parse(MIN, &[]).unwrap();
+        assert_eq!(c.train.optimizer, OptimizerKind::Sgd, "the default");
+        assert!(!c.to_toml().contains("optimizer") && !c.to_toml().contains("adam"), "{}", c.to_toml());
+        let adam = Config::parse(MIN, &["train.optimizer=\"adam\"".into()]).unwrap();
+        assert_eq!(adam.train.optimizer, OptimizerKind::Adam);
+        assert_eq!((adam.train.adam_beta1, adam.train.adam_beta2, adam.train.adam_eps), (0.9, 0.999, 1e-8));
+        assert_eq!(Config::parse(&adam.to_toml(), &[]).unwrap(), adam, "an adam config reads back as written");
+        let err = |extra: &[&str]| {
+            // Adam first, so a test's own train.optimizer overrides it.
+            let mut o = vec!["train.optimizer=\"adam\"".to_string()];
+            o.extend(extra.iter().map(|s| s.to_string()));
+            Config::parse(MIN, &o).unwrap_err().to_string()
+        };
+        assert!(err(&["train.adam_beta1=1.0"]).starts_with("train.adam_beta1 must be in [0, 1) (got 1)"));
+        assert!(err(&["train.adam_beta2=-0.1"]).starts_with("train.adam_beta2 must be in [0, 1)"));
+        assert!(err(&["train.adam_eps=0"]).starts_with("train.adam_eps must be a positive number"));
+        let asgd = err(&["train.asgd=true"]);
+        assert!(asgd.contains("train.asgd") && asgd.contains("averaged SGD is defined for SGD"), "{asgd}");
+        assert!(err(&["train.optimizer=\"adamw\""]).starts_with("train.optimizer: unknown variant"));
+        let sgd = Config::parse(MIN, &["train.adam_beta1=0.5".into()]).unwrap_err().to_string();
+        assert!(sgd.contains("only for train.optimizer = \"adam\""), "{sgd}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! * [`model`]: the recurrent language model
 //! * [`cell`]: the recurrent cell (LSTM, GRU, plain RNN) and all that differs between them
 //! * [`step`]: one training step (eager or replayed from a CUDA graph)
+//! * [`optim`]: the step's update rule (SGD, or AdamW) and its state
 //! * [`train`]: the epoch loop, resume and NaN recovery
 //! * [`schedule`]: the learning rate of every step, and the time budget
 //! * [`eval`]: perplexity and the `eval` command
@@ -38,6 +39,7 @@ pub mod gradflow;
 pub mod interrupt;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod run;

@@ -424,11 +424,15 @@ pub fn parameter_count(cfg: &ModelConfig) -> f64 {
 
 /// About how many bytes training `cfg` takes on its device (float32): the weights, their
 /// gradients, the recovery snapshot, the averaged-SGD means and the copy made to validate
-/// them, plus one batch of activations kept for the backward pass (logits and their
+/// them or Adam's two moments and their recovery copies, plus one batch of activations kept for the backward pass (logits and their
 /// gradient, the recurrent gates and states). An estimate to refuse what cannot fit, not a bound.
 pub fn training_bytes(cfg: &Config) -> f64 {
     let m = &cfg.model;
-    let copies = if cfg.train.asgd { 5.0 } else { 3.0 };
+    let copies = match (cfg.train.asgd, cfg.train.optimizer) {
+        (_, crate::config::OptimizerKind::Adam) => 7.0,
+        (true, _) => 5.0,
+        _ => 3.0,
+    };
     let tokens = (cfg.train.batch_size * cfg.train.bptt) as f64;
     // Per layer and unit, each with its gradient: the cell's gates and two states (LSTM: 12).
     let per_unit = 2.0 * (m.cell.gates() + 2) as f64;

@@ -1,7 +1,8 @@
 //! One training step, on static buffers, with no host synchronisation:
-//! forward → loss (+ optional AR/TAR) → backward → global-norm clipping → SGD (+ optional
-//! weight decay) → carried state → running loss sum, all as device operations (the
-//! learning rate is a device scalar; the clipping coefficient never leaves the device).
+//! forward → loss (+ optional AR/TAR) → backward → global-norm clipping → the optimizer's
+//! update (SGD or AdamW, see [`crate::optim`]) → carried state → running loss sum, all as
+//! device operations (the learning rate is a device scalar; the clipping coefficient never
+//! leaves the device).
 //!
 //! Because the step only reads and writes fixed tensors, it can be captured once in a CUDA
 //! graph and replayed for every batch ([`Mode::Graph`]); elsewhere it runs as plain calls.
@@ -12,6 +13,7 @@ use crate::cuda::CudaGraph;
 use crate::dist::Group;
 use crate::failpoint::Divergence;
 use crate::model::{LstmLm, State};
+use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::rc::Rc;
@@ -31,6 +33,8 @@ struct Snapshot {
     state: State,
     /// The averaged-SGD means and count, when averaging.
     avg: Option<(Vec<Tensor>, Tensor)>,
+    /// The optimizer's state (Adam's moments and step count; none for SGD).
+    optim: Vec<Tensor>,
 }
 
 pub struct TrainStep {
@@ -44,7 +48,8 @@ pub struct TrainStep {
     lr_value: f64,
     loss_sum: Tensor,
     max_grad: f64,
-    weight_decay: f64,
+    /// The update rule and its state (see [`crate::optim`]).
+    optim: Optimizer,
     ar_alpha: f64,
     tar_beta: f64,
     /// Forward pass and loss under bf16 autocast.
@@ -71,6 +76,7 @@ impl TrainStep {
         let kind = model.kind();
         let (b, t) = (cfg.batch_size, cfg.bptt);
         let params = model.parameters();
+        let optim = Optimizer::new(cfg, &model.named_parameters());
         let state = model.zero_state(b);
         let mode = if use_graph && device.is_cuda() { Mode::Graph { graph: None, warmed: 0 } } else { Mode::Eager };
         Ok(TrainStep {
@@ -82,7 +88,7 @@ impl TrainStep {
             lr_value: cfg.lr,
             loss_sum: Tensor::zeros([], (Kind::Double, device)),
             max_grad: cfg.max_grad,
-            weight_decay: cfg.weight_decay,
+            optim,
             ar_alpha: cfg.ar_alpha,
             tar_beta: cfg.tar_beta,
             bf16: cuda && cfg.precision == Precision::Bf16,
@@ -97,6 +103,9 @@ impl TrainStep {
     /// "CUDA graph, bf16, fused layers"-style description of how steps run.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
+        if !self.optim.describe().is_empty() {
+            parts.push(self.optim.describe().to_string());
+        }
         if self.uses_graph() {
             parts.push("CUDA graph".to_string());
         }
@@ -205,21 +214,13 @@ impl TrainStep {
         }
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
-            let step = if self.max_grad > 0.0 {
+            let clip = (self.max_grad > 0.0).then(|| {
                 let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
                 let total_norm = Tensor::stack(&norms, 0).norm();
                 // The book's clip_grads: rate = max / (norm + 1e-6), applied when < 1.
-                ((total_norm + 1e-6).reciprocal() * self.max_grad).clamp_max(1.0) * &self.lr
-            } else {
-                self.lr.shallow_clone()
-            };
-            for (p, g) in self.params.iter().zip(&grads) {
-                let mut p = p.shallow_clone();
-                if self.weight_decay > 0.0 {
-                    let _ = p.g_sub_(&(&p * (&self.lr * self.weight_decay)));
-                }
-                let _ = p.g_sub_(&(g * &step));
-            }
+                ((total_norm + 1e-6).reciprocal() * self.max_grad).clamp_max(1.0)
+            });
+            self.optim.step(&self.params, &grads, clip.as_ref(), &self.lr);
             let mut state = self.state.shallow_clone();
             state.copy_from(&f.state);
             let mut sum = self.loss_sum.shallow_clone();
@@ -277,13 +278,14 @@ impl TrainStep {
         tch::no_grad(|| self.state.zero_());
     }
 
-    /// Remembers the current weights, state and averaged-SGD means as good (for recovery
-    /// from a non-finite loss).
+    /// Remembers the current weights, state, optimizer state (Adam's moments and step count)
+    /// and averaged-SGD means as good (for recovery from a non-finite loss).
     pub fn snapshot(&mut self) {
         tch::no_grad(|| match &mut self.good {
             Some(g) if g.avg.is_some() == self.avg.is_some() => {
                 copy_into(&g.weights, &self.params);
                 g.state.copy_from(&self.state);
+                copy_into(&g.optim, &self.optim.tensors());
                 if let (Some((gm, gc)), Some((m, c))) = (&g.avg, &self.avg) {
                     copy_into(gm, m);
                     gc.shallow_clone().copy_(c);
@@ -295,6 +297,7 @@ impl TrainStep {
                     weights: copies(&self.params),
                     state: State { h: copies(&state.h), c: copies(&state.c) },
                     avg: self.avg.as_ref().map(|(m, c)| (copies(m), c.copy())),
+                    optim: copies(&self.optim.tensors()),
                 });
             }
         });
@@ -306,6 +309,7 @@ impl TrainStep {
         tch::no_grad(|| {
             copy_into(&self.params, &g.weights);
             self.state.copy_from(&g.state);
+            copy_into(&self.optim.tensors(), &g.optim);
             if let (Some((gm, gc)), Some((m, c))) = (&g.avg, &self.avg) {
                 copy_into(m, gm);
                 c.shallow_clone().copy_(gc);
@@ -315,10 +319,13 @@ impl TrainStep {
     }
 
     /// What a resumable checkpoint keeps of the step besides the weights: the carried state
-    /// (`state.h.{l}`, and `state.c.{l}` for the LSTM) and, when averaging, the running means
+    /// (`state.h.{l}`, and `state.c.{l}` for the LSTM), the optimizer's state (Adam:
+    /// `adam.m.{name}`, `adam.v.{name}`, `adam.step`) and, when averaging, the running means
     /// (`avg.{name}`).
     /// In data-parallel training each rank holds its own streams' state: it is gathered
     /// (every rank must call this) so the checkpoint is the one a single process writes.
+    /// The optimizer's state is the same on every rank (every rank updates with the same
+    /// summed gradients): it is taken as it is.
     pub fn resumable_state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = match &self.group {
             None => self.state.named(),
@@ -337,6 +344,7 @@ impl TrainStep {
                     .collect::<Result<Vec<_>>>()
             })?,
         };
+        out.extend(self.optim.state());
         if let Some(avg) = self.averaged_named() {
             out.extend(avg.into_iter().map(|(n, t)| (format!("avg.{n}"), t)));
         }
@@ -344,7 +352,8 @@ impl TrainStep {
     }
 
     /// Puts back what [`TrainStep::resumable_state`] saved (`asgd_count` iterates averaged;
-    /// 0: not averaging); `source` names the file in errors.
+    /// 0: not averaging); `source` names the file in errors. Adam's state must be there when
+    /// the step uses Adam.
     pub fn restore_resumable(&mut self, saved: &[(String, Tensor)], asgd_count: u64, source: &Path) -> Result<()> {
         let shard = self.group.as_ref().map(|g| g.shard(self.state.h[0].size()[1] * g.world as i64));
         let find = |name: &str| {
@@ -370,6 +379,7 @@ impl TrainStep {
             }
             Ok(())
         })?;
+        self.optim.load_state(saved, source)?;
         if asgd_count > 0 {
             let avg = self
                 .model

@@ -189,3 +189,24 @@ fn every_cell_trains_in_a_cuda_graph_with_fused_layers_as_in_plain_steps() {
         println!("{cell}: fused graph loss sum {loss_fused:.6}, per-layer plain {loss_layers:.6}");
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn adam_steps_in_a_cuda_graph_compute_what_plain_adam_steps_compute() {
+    let _rng = rng_lock();
+    // Adam's moments, step count and bias corrections live on the device, so the captured
+    // update replays what the plain one computes (per layer: every draw from libtorch's generator).
+    let adam = ["train.optimizer=\"adam\"", "train.lr=0.002"];
+    assert_same(&better_like(&[adam[0], adam[1], "train.fused_lstm=false"]), "adam, per-layer");
+    assert_same(&better_like(&[adam[0], adam[1], "model.dropout_hidden=0.0"]), "adam, fused");
+    // The step count advanced once per step, replays included.
+    let cfg = better_like(&adam);
+    let mut step = new_step(&cfg, true);
+    let data = batches(&cfg, 12);
+    for k in 0..12 {
+        step.run(&data.get(k), &data.get(k + 1), 1000 + k).unwrap();
+    }
+    let state = step.resumable_state().unwrap();
+    let count = state.iter().find(|(n, _)| n == "adam.step").map(|(_, t)| f64::try_from(t).unwrap());
+    assert_eq!(count, Some(12.0));
+}

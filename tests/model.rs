@@ -300,6 +300,34 @@ fn a_restore_after_a_non_finite_step_also_restores_the_averages() {
     }
 }
 
+#[test]
+fn a_restore_after_a_non_finite_step_also_restores_adams_moments_and_step_count() {
+    let _rng = rng_lock();
+    let cfg = model_cfg(&["train.optimizer=\"adam\"", "train.lr=0.01"]);
+    tch::manual_seed(2);
+    let model = LstmLm::new(&cfg.model, Device::Cpu, Kind::Float).unwrap();
+    let mut step = TrainStep::new(model, &cfg.train, false).unwrap();
+    let adam = |s: &TrainStep| -> Vec<(String, Tensor)> {
+        let state = s.resumable_state().unwrap();
+        state.into_iter().filter(|(n, _)| n.starts_with("adam.")).map(|(n, t)| (n, t.copy())).collect()
+    };
+    step.run(&ids(5, 2, 12, 1), &ids(5, 2, 12, 2), 1).unwrap();
+    step.snapshot();
+    let good = adam(&step);
+    assert!(good.iter().any(|(n, _)| n == "adam.step") && good.iter().any(|(n, _)| n.starts_with("adam.v.")));
+    // An infinite learning rate: the weights go non-finite; the moments and count move on.
+    step.set_lr(f64::INFINITY);
+    step.run(&ids(5, 2, 12, 3), &ids(5, 2, 12, 4), 2).unwrap();
+    assert!(!step.weights_finite());
+    let moved = adam(&step);
+    assert!(good.iter().zip(&moved).any(|((_, a), (_, b))| !a.equal(b)), "the step changed no Adam state");
+    assert!(step.restore());
+    assert!(step.weights_finite());
+    for ((name, a), (_, g)) in adam(&step).iter().zip(&good) {
+        assert!(a.equal(g), "{name} was not restored");
+    }
+}
+
 /// The same model every time, with weights of order one so every term is visible.
 fn seeded_model(cfg: &ModelConfig) -> LstmLm {
     tch::manual_seed(4);

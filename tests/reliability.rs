@@ -87,6 +87,78 @@ fn interrupted_and_resumed_matches_uninterrupted(extra: &str) -> Sandbox {
 }
 
 #[test]
+fn an_adam_run_stopped_mid_epoch_and_resumed_ends_bit_identical_to_an_uninterrupted_one() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let cfg = cfg.to_str().unwrap();
+    // 20000 tokens / (10 x 20): about 100 steps an epoch.
+    let settings = ["--set", "train.optimizer=adam", "--set", "train.lr=0.01", "--epochs", "2"];
+    let mut args = vec!["train", "--config", cfg, "--out-dir", "straight"];
+    args.extend(settings);
+    assert_success(&s.run(&args));
+
+    // Interrupted by a real SIGINT while held after step 105 (in epoch 2), then resumed.
+    let mut args = vec!["train", "--config", cfg, "--out-dir", "run"];
+    args.extend(settings);
+    let release = s.path("release");
+    let mut child = s
+        .command(&args)
+        .env("PTB_LM_FAILPOINT_PAUSE", "step:105")
+        .env("PTB_LM_FAILPOINT_RELEASE", &release)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr_lines = BufReader::new(child.stderr.take().unwrap());
+    wait_for(&mut stderr_lines, "paused in step 105");
+    signal(&child, libc::SIGINT);
+    std::fs::write(&release, "").unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr_lines, &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "stderr: {err}");
+    let last = Checkpoint::load(&s.path("run/last")).unwrap();
+    let pos = last.meta.resume.clone().unwrap();
+    assert_eq!(pos.epoch, 1, "interrupted in the second epoch: {pos:?}");
+    assert!(pos.batch > 0, "mid-epoch position expected, got {pos:?}");
+    let adam_steps =
+        |c: &Checkpoint| c.state.iter().find(|(n, _)| n == "adam.step").map(|(_, t)| f64::try_from(t).unwrap());
+    // The uninterrupted run took one Adam step per batch of its two epochs.
+    let per_epoch = adam_steps(&Checkpoint::load(&s.path("straight/last")).unwrap()).unwrap() / 2.0;
+    assert_eq!(adam_steps(&last), Some(per_epoch + pos.batch as f64), "Adam's step count is the position's");
+
+    // Without its moments the checkpoint cannot continue an Adam run: refused by name.
+    let state_file = s.path("run/last/state.safetensors");
+    let whole = std::fs::read(&state_file).unwrap();
+    let kept: Vec<(String, tch::Tensor)> =
+        last.state.iter().filter(|(n, _)| !n.starts_with("adam.")).map(|(n, t)| (n.clone(), t.copy())).collect();
+    ptb_lm::checkpoint::write_safetensors(&kept, &state_file).unwrap();
+    let o = s.run(&["train", "--resume", "run"]);
+    assert_one_line_error(&o, &["run/last/state.safetensors: tensor 'adam.", "is missing", "optimizer = \"adam\""]);
+    std::fs::write(&state_file, whole).unwrap();
+
+    let o = s.run(&["train", "--resume", "run"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("resuming run at epoch 2, batch"), "{}", stdout(&o));
+    assert_eq!(valid_ppls(&s.path("run")), valid_ppls(&s.path("straight")));
+    // The same process settings on the same machine: the same bits, weights and Adam's state.
+    let (a, b) = (Checkpoint::load(&s.path("straight/last")).unwrap(), Checkpoint::load(&s.path("run/last")).unwrap());
+    let sorted = |ts: &[(String, tch::Tensor)]| {
+        let mut v: Vec<(String, tch::Tensor)> = ts.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    for (mine, theirs) in [(sorted(&a.weights), sorted(&b.weights)), (sorted(&a.state), sorted(&b.state))] {
+        assert_eq!(mine.len(), theirs.len());
+        for ((n, x), (m, y)) in mine.iter().zip(theirs.iter()) {
+            assert_eq!(n, m);
+            assert!(x.equal(y), "{n} differs between the uninterrupted and the resumed run");
+        }
+    }
+    assert!(a.state.iter().any(|(n, _)| n.starts_with("adam.m.")));
+}
+
+#[test]
 fn sigkill_during_a_save_leaves_the_previous_checkpoints_loadable() {
     let s = Sandbox::new();
     let cfg = s.config("c.toml", "");

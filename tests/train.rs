@@ -151,3 +151,32 @@ fn stop_after_trains_a_few_epochs_and_projects_the_whole_run() {
     assert_success(&o);
     assert_eq!(valid_ppls(&s.path("run")).len(), 5);
 }
+
+#[test]
+fn adam_trains_a_tiny_config_and_keeps_its_moments_in_last() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "");
+    let cfg = cfg.to_str().unwrap();
+    let o = s.run(&["train", "--config", cfg, "--set", "train.optimizer=adam", "--set", "train.lr=0.01"]);
+    assert_success(&o);
+    let out = stdout(&o);
+    assert!(out.contains("AdamW"), "the run says it trains with AdamW: {out}");
+    // Far below a uniform guess over the 10000 words after two epochs, and falling.
+    let ppls = valid_ppls(&s.path("run"));
+    assert_eq!(ppls.len(), 2);
+    assert!(ppls[1] < ppls[0] && ppls[1] < 10_000.0 / 4.0, "validation perplexities {ppls:?}");
+
+    // last/ holds both moments of every weight and the number of steps taken.
+    let last = Checkpoint::load(&s.path("run/last")).unwrap();
+    let state = |name: &str| last.state.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+    for (name, w) in &last.weights {
+        for moment in ["m", "v"] {
+            let t = state(&format!("adam.{moment}.{name}")).unwrap_or_else(|| panic!("no adam.{moment}.{name}"));
+            assert_eq!(t.size(), w.size(), "adam.{moment}.{name}");
+        }
+    }
+    let batches: f64 = out.split(" batches of ").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    let steps = f64::try_from(state("adam.step").expect("adam.step")).unwrap();
+    assert_eq!(steps, 2.0 * batches, "one Adam step per batch of both epochs");
+    assert_eq!(last.meta.config.train.optimizer, ptb_lm::config::OptimizerKind::Adam);
+}
