@@ -33,13 +33,23 @@ pub struct DataConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// One text file, split here: its last `test_fraction` of tokens are the test split, the
-    /// `valid_fraction` before them the validation split (whole lines).
+    /// `valid_fraction` before them the validation split (whole lines); or, with `split`, cut
+    /// at character positions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
-    #[serde(default = "default_fraction")]
-    pub valid_fraction: f64,
-    #[serde(default = "default_fraction")]
-    pub test_fraction: f64,
+    /// With `file`, whole lines (default 0.05 each; see [`DataConfig::valid_fraction`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_fraction: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_fraction: Option<f64>,
+    /// With `file`, instead of the fractions: `[train, valid]` or `[train, valid, test]`,
+    /// fractions of the file's characters that sum to 1, cut as nanoGPT's
+    /// `shakespeare_char/prepare.py` cuts (train = the first `floor(n · train)` characters,
+    /// valid up to `floor(n · (train + valid))`, test the rest), wherever that falls in a line.
+    /// Two parts: no test split. Only for `tokenizer = "char"` or `"bpe"` (a cut could halve
+    /// a word).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Vec<f64>>,
     /// Three files, one per split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train: Option<PathBuf>,
@@ -81,8 +91,9 @@ impl Default for DataConfig {
         DataConfig {
             dir: None,
             file: None,
-            valid_fraction: default_fraction(),
-            test_fraction: default_fraction(),
+            valid_fraction: None,
+            test_fraction: None,
+            split: None,
             train: None,
             valid: None,
             test: None,
@@ -126,6 +137,23 @@ impl TokenizerKind {
 }
 
 impl DataConfig {
+    /// The fraction of a single file's tokens (whole lines) the validation split takes
+    /// (`data.valid_fraction`, default 0.05).
+    pub fn valid_fraction(&self) -> f64 {
+        self.valid_fraction.unwrap_or_else(default_fraction)
+    }
+
+    /// The fraction of a single file's tokens (whole lines) the test split takes
+    /// (`data.test_fraction`, default 0.05).
+    pub fn test_fraction(&self) -> f64 {
+        self.test_fraction.unwrap_or_else(default_fraction)
+    }
+
+    /// Whether the corpus has a test split: all have but a file cut by a two-part `data.split`.
+    pub fn has_test(&self) -> bool {
+        self.split.as_ref().is_none_or(|s| s.len() != 2)
+    }
+
     /// The BPE vocabulary size asked for (`data.bpe_vocab`, or its default).
     pub fn bpe_vocab(&self) -> usize {
         self.bpe_vocab.unwrap_or(DEFAULT_BPE_VOCAB)
@@ -577,6 +605,12 @@ impl Config {
             }
             _ => {}
         }
+        if t.dynamic_eval && self.data.split.as_ref().is_some_and(|s| s.len() == 2) {
+            bail!(
+                "train.dynamic_eval scores the test split, and this corpus has none (data.split has two parts); \
+                 score validation with `ptb-lm eval --checkpoint RUN/best --split valid --dynamic` instead"
+            );
+        }
         if let Some(m) = t.max_minutes.filter(|m| !(m.is_finite() && *m > 0.0)) {
             bail!("train.max_minutes must be a positive number of minutes (got {m}); leave it out for no time limit");
         }
@@ -623,17 +657,20 @@ impl Config {
                 bail!("{key} must name a path (got an empty one)");
             }
         }
-        for (key, f) in [("data.valid_fraction", d.valid_fraction), ("data.test_fraction", d.test_fraction)] {
+        for (key, f) in [("data.valid_fraction", d.valid_fraction()), ("data.test_fraction", d.test_fraction())] {
             if !(f > 0.0 && f < 1.0) {
                 bail!("{key} must be in (0, 1) (got {f})");
             }
         }
-        if d.valid_fraction + d.test_fraction >= 1.0 {
+        if d.valid_fraction() + d.test_fraction() >= 1.0 {
             bail!(
                 "data.valid_fraction + data.test_fraction must be below 1 (got {} + {}): nothing would be left to train on",
-                d.valid_fraction,
-                d.test_fraction
+                d.valid_fraction(),
+                d.test_fraction()
             );
+        }
+        if let Some(split) = &d.split {
+            check_split(split, d)?;
         }
         if let Some(m) = d.max_vocab.filter(|&m| m < 3) {
             bail!("data.max_vocab must be at least 3 (<unk>, <eos> and a word; got {m})");
@@ -658,6 +695,9 @@ impl Config {
             ),
             _ => {}
         }
+        if d.test_tokens.is_some() && !d.has_test() {
+            bail!("data.test_tokens: data.split has no test part (two fractions); remove data.test_tokens");
+        }
         for (key, v) in [
             ("data.train_tokens", self.data.train_tokens),
             ("data.valid_tokens", self.data.valid_tokens),
@@ -673,6 +713,38 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a Config always serialises")
     }
+}
+
+/// `data.split`: two or three fractions in (0, 1) that sum to 1, of one file read as
+/// characters or BPE, not beside the line-wise fractions.
+fn check_split(split: &[f64], d: &DataConfig) -> Result<()> {
+    let shown = format!("{split:?}");
+    if !(2..=3).contains(&split.len()) {
+        bail!("data.split must be [train, valid] or [train, valid, test] fractions (got {shown})");
+    }
+    if let Some(f) = split.iter().find(|f| !(**f > 0.0 && **f < 1.0)) {
+        bail!("data.split: every fraction must be in (0, 1) (got {f} in {shown})");
+    }
+    let sum: f64 = split.iter().sum();
+    if (sum - 1.0).abs() > 1e-9 {
+        bail!("data.split: the fractions must sum to 1 (got {shown}, which sums to {sum})");
+    }
+    if d.file.is_none() {
+        bail!("data.split cuts one text file; set data.file (data.dir and data.train/valid/test are split already)");
+    }
+    if d.valid_fraction.is_some() || d.test_fraction.is_some() {
+        bail!(
+            "data.split: set either data.split (cut at characters) or data.valid_fraction/test_fraction (whole \
+             lines), not both; remove one"
+        );
+    }
+    if d.tokenizer.is_word() {
+        bail!(
+            "data.split cuts at a character, which can fall inside a word; use it with data.tokenizer = \"char\" \
+             or \"bpe\", or split words at line ends with data.valid_fraction/test_fraction"
+        );
+    }
+    Ok(())
 }
 
 fn positive(key: &str, v: i64) -> Result<()> {

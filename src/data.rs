@@ -7,7 +7,12 @@
 //!   usual names (`ptb.{split}.txt`, `{split}.txt`, WikiText's `wiki.{split}.tokens`), three
 //!   explicit files, or one text file that is split here into contiguous line ranges (the
 //!   last `test_fraction` of its tokens for test, the `valid_fraction` before them for valid;
-//!   for the character and BPE tokenizers, of its characters).
+//!   for the character and BPE tokenizers, of its characters); or, with `data.split`, cut
+//!   at character positions as nanoGPT's `shakespeare_char/prepare.py` cuts
+//!   (`train = data[:int(n * 0.9)]`, `val = data[int(n * 0.9):]`), with no test part when
+//!   two fractions are given. Such a part need not end with a line end: its tokens are then
+//!   exactly its text (no `<eos>` added where the cut falls mid-line), so for characters a
+//!   part of `k` characters is `k` tokens covering `k` characters, each line end one.
 //! * Text: UTF-8 (a byte-order mark is not part of the first word), optionally lower-cased;
 //!   words are whitespace-separated and `<eos>` closes every line, so a blank line is an empty
 //!   sentence: one `<eos>`.
@@ -262,6 +267,10 @@ pub enum Layout {
     Files { train: PathBuf, valid: PathBuf, test: PathBuf },
     /// One text file, split here into contiguous line ranges.
     Single { file: PathBuf, valid_fraction: f64, test_fraction: f64 },
+    /// One text file cut at character positions (`data.split`): train, valid and, with three
+    /// fractions, test.
+    #[serde(rename = "single_chars")]
+    SingleChars { file: PathBuf, split: Vec<f64> },
 }
 
 /// Naming patterns a corpus directory may use, tried in this order.
@@ -277,10 +286,13 @@ impl Layout {
             bail!("data: set one of data.dir, data.file or data.train/valid/test, not several");
         }
         if let Some(file) = &cfg.file {
+            if let Some(split) = &cfg.split {
+                return Ok(Layout::SingleChars { file: file.clone(), split: split.clone() });
+            }
             return Ok(Layout::Single {
                 file: file.clone(),
-                valid_fraction: cfg.valid_fraction,
-                test_fraction: cfg.test_fraction,
+                valid_fraction: cfg.valid_fraction(),
+                test_fraction: cfg.test_fraction(),
             });
         }
         if explicit > 0 {
@@ -317,8 +329,18 @@ impl Layout {
                 Split::Valid => valid.clone(),
                 Split::Test => test.clone(),
             },
-            Layout::Single { file, .. } => file.clone(),
+            Layout::Single { file, .. } | Layout::SingleChars { file, .. } => file.clone(),
         }
+    }
+
+    /// Whether the corpus has `split`: every one but the test split of a file cut in two.
+    pub fn has(&self, split: Split) -> bool {
+        !matches!(self, Layout::SingleChars { split: s, .. } if s.len() == 2 && split == Split::Test)
+    }
+
+    /// The splits the corpus has, in order.
+    pub fn splits(&self) -> Vec<Split> {
+        Split::ALL.into_iter().filter(|&s| self.has(s)).collect()
     }
 
     /// PTB's files already read rare words as `<unk>`: an unknown word there is an error
@@ -433,12 +455,50 @@ fn split_text_by(
     Ok([join(0..valid_start), join(valid_start..test_start), join(test_start..lines.len())])
 }
 
+/// Cuts one text at character positions as nanoGPT's `shakespeare_char/prepare.py` does:
+/// with `n` characters and fractions `[a, b]`, train is the first `floor(n · a)` characters
+/// and valid the rest; with `[a, b, c]`, valid ends at `floor(n · (a + b))` and test is the
+/// rest. Also the character offsets where valid (and test) begin. A part that would be
+/// empty is an error naming `file` and `data.split`.
+pub fn split_chars(text: &str, split: &[f64], file: &Path) -> Result<(Vec<String>, Vec<usize>)> {
+    let n = text.chars().count();
+    let mut cuts = Vec::new();
+    let mut sum = 0.0;
+    for f in &split[..split.len() - 1] {
+        sum += f;
+        cuts.push(((n as f64 * sum).floor() as usize).min(n));
+    }
+    let bounds: Vec<usize> = std::iter::once(0).chain(cuts.iter().copied()).chain(std::iter::once(n)).collect();
+    for (i, w) in bounds.windows(2).enumerate() {
+        if w[0] >= w[1] {
+            bail!(
+                "{}: the {} part of data.split = {split:?} of the {n} characters would be empty; give it a larger \
+                 fraction, or use a longer text",
+                file.display(),
+                Split::ALL[i]
+            );
+        }
+    }
+    // Byte offsets of the cuts (character positions).
+    let mut byte_at: Vec<usize> = Vec::with_capacity(bounds.len());
+    let mut chars = text.char_indices().map(|(b, _)| b).chain(std::iter::once(text.len()));
+    let mut pos = 0;
+    for &c in &bounds {
+        let b = chars.nth(c - pos).expect("a cut within the text");
+        pos = c + 1;
+        byte_at.push(b);
+    }
+    let parts = byte_at.windows(2).map(|w| text[w[0]..w[1]].to_string()).collect();
+    Ok((parts, cuts))
+}
+
 /// What [`Corpus::texts`] read: the text of each split asked for (train, valid, test), the
 /// fingerprint of every file read, and for a single file the first line of valid and test.
 struct Texts {
     texts: [Option<String>; 3],
     files: Vec<FileRecord>,
     split_lines: Option<[usize; 2]>,
+    split_chars: Option<Vec<usize>>,
 }
 
 /// What a corpus holds, as recorded in a run (`corpus.json`).
@@ -456,6 +516,10 @@ pub struct CorpusInfo {
     pub chars: [u64; 3],
     /// For a single file: the first line (1-based) of valid and of test.
     pub split_lines: Option<[usize; 2]>,
+    /// For a single file cut at characters (`data.split`): the character offsets (0-based)
+    /// where valid, and test if there is one, begin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_chars: Option<Vec<usize>>,
     /// Every file read, with its size and SHA-256.
     pub files: Vec<FileRecord>,
 }
@@ -501,7 +565,7 @@ impl Corpus {
         tokenizer: Option<Tokenizer>,
     ) -> Result<Corpus> {
         let layout = Layout::of(cfg)?;
-        let Texts { texts, files, split_lines } = Corpus::texts(&layout, cfg, &Split::ALL, record)?;
+        let Texts { texts, files, split_lines, split_chars } = Corpus::texts(&layout, cfg, &Split::ALL, record)?;
         let train_text = texts[0].as_deref().expect("train was read");
         let tokenizer = match tokenizer {
             Some(t) => t,
@@ -513,8 +577,12 @@ impl Corpus {
         let eos = tokenizer.eos()?;
         let mut encoded: Vec<Encoded> = Vec::new();
         for (i, split) in Split::ALL.into_iter().enumerate() {
+            if !layout.has(split) {
+                encoded.push(Encoded::default());
+                continue;
+            }
             let text = texts[i].as_deref().expect("every split was read");
-            let e = tokenizer.encode(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))?;
+            let e = encode_part(&tokenizer, &layout, text, split, cfg)?;
             if e.ids.iter().all(|&t| t == eos) {
                 let what = if tokenizer.kind().is_word() { "words" } else { "text" };
                 bail!("{}: the {split} split has no {what}", layout.file(split).display());
@@ -531,6 +599,7 @@ impl Corpus {
             unk_replaced: [train.unknown.len(), valid.unknown.len(), test.unknown.len()],
             chars: [sum(&train), sum(&valid), sum(&test)],
             split_lines,
+            split_chars,
             files: files.clone(),
         };
         let record = CorpusRecord { data: absolute_paths(cfg)?, files };
@@ -582,6 +651,14 @@ impl Corpus {
         record: Option<&CorpusRecord>,
     ) -> Result<Encoded> {
         let layout = Layout::of(cfg)?;
+        if !layout.has(split) {
+            bail!(
+                "{}: the corpus has no {split} split (data.split = {:?} cuts it into train and valid only); \
+                 score --split valid",
+                layout.file(split).display(),
+                cfg.split.as_deref().unwrap_or_default()
+            );
+        }
         let train_there = layout.file(Split::Train).is_file() && !matches!(tokenizer, Tokenizer::Bpe(_));
         let want: Vec<Split> =
             if train_there && split != Split::Train { vec![Split::Train, split] } else { vec![split] };
@@ -592,7 +669,7 @@ impl Corpus {
         }
         let i = Split::ALL.iter().position(|&s| s == split).expect("a split");
         let text = texts[i].as_deref().expect("the split was read");
-        tokenizer.encode(text, &layout.file(split), unknown_as_unk(&layout, cfg, split))
+        encode_part(tokenizer, &layout, text, split, cfg)
     }
 
     /// The texts of `want` (others None), the fingerprints of the files read, and for a
@@ -617,10 +694,23 @@ impl Corpus {
                 let (text, record) = read(file, ALL_ROLE)?;
                 let [a, b, c] = split_text_by(&text, *valid_fraction, *test_fraction, file, cfg.tokenizer)?;
                 let lines = [a.lines().count() + 1, a.lines().count() + b.lines().count() + 1];
-                Ok(Texts { texts: [Some(a), Some(b), Some(c)], files: vec![record], split_lines: Some(lines) })
+                Ok(Texts {
+                    texts: [Some(a), Some(b), Some(c)],
+                    files: vec![record],
+                    split_lines: Some(lines),
+                    split_chars: None,
+                })
+            }
+            Layout::SingleChars { file, split } => {
+                let (text, record) = read(file, ALL_ROLE)?;
+                let (parts, cuts) = split_chars(&text, split, file)?;
+                let mut parts = parts.into_iter();
+                let texts = [parts.next(), parts.next(), parts.next()];
+                Ok(Texts { texts, files: vec![record], split_lines: None, split_chars: Some(cuts) })
             }
             _ => {
-                let mut out = Texts { texts: [None, None, None], files: Vec::new(), split_lines: None };
+                let mut out =
+                    Texts { texts: [None, None, None], files: Vec::new(), split_lines: None, split_chars: None };
                 for (i, split) in Split::ALL.into_iter().enumerate() {
                     if want.contains(&split) {
                         let (text, record) = read(&layout.file(split), split.name())?;
@@ -676,6 +766,12 @@ impl Corpus {
                 let [v, t] = i.split_lines.unwrap_or_default();
                 format!("{} (valid from line {v}, test from line {t})", file.display())
             }
+            Layout::SingleChars { file, split } => {
+                let at = i.split_chars.clone().unwrap_or_default();
+                let at = at.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" and ");
+                let parts = if split.len() == 2 { "train and valid, no test" } else { "train, valid and test" };
+                format!("{} ({parts}: cut at character {at})", file.display())
+            }
         };
         let unit = self.tokenizer.unit();
         let unk = i.unk_replaced;
@@ -689,6 +785,12 @@ impl Corpus {
             TokenizerKind::Char => String::new(),
             TokenizerKind::Bpe => " (byte-level BPE)".to_string(),
         };
+        if !i.layout.has(Split::Test) {
+            return format!(
+                "corpus {place}: vocabulary {} {unit}s{how}; train / valid {} / {} tokens{unk}",
+                i.vocab_size, i.tokens[0], i.tokens[1]
+            );
+        }
         format!(
             "corpus {place}: vocabulary {} {unit}s{how}; train / valid / test {} / {} / {} tokens{unk}",
             i.vocab_size, i.tokens[0], i.tokens[1], i.tokens[2]
@@ -708,6 +810,21 @@ impl Corpus {
         let limit = token_limit(cfg, split);
         batches_of(truncate(self.split(split), limit), split, &self.file(split), limit, batch, bptt, device)
     }
+}
+
+/// Encodes one split's text. A part of a file cut at characters (`data.split`) that does not
+/// end with a line end is its characters alone: the tokenizer's `<eos>` after its last
+/// (unfinished) line is not part of the text, and is dropped.
+fn encode_part(tokenizer: &Tokenizer, layout: &Layout, text: &str, split: Split, cfg: &DataConfig) -> Result<Encoded> {
+    let mut e = tokenizer.encode(text, &layout.file(split), unknown_as_unk(layout, cfg, split))?;
+    if matches!(layout, Layout::SingleChars { .. }) && !text.ends_with('\n') && !text.is_empty() {
+        let eos = tokenizer.eos()?;
+        if e.ids.last() == Some(&eos) {
+            let n = e.ids.len() - 1;
+            e.truncate(n);
+        }
+    }
+    Ok(e)
 }
 
 /// Whether `cfg` caps the vocabulary (`data.max_vocab`, or `data.min_count` above 1).

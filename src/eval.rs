@@ -79,7 +79,13 @@ pub fn stream_loss(model: &LstmLm, corpus: &[i64], bptt: i64, device: Device) ->
 /// What `ptb-lm eval` measures.
 pub enum Target {
     Split(Split),
-    File { path: PathBuf, allow_unk: bool },
+    /// The test split, or the validation split where the corpus has none (`data.split` of
+    /// two parts; a note says so).
+    DefaultSplit,
+    File {
+        path: PathBuf,
+        allow_unk: bool,
+    },
 }
 
 /// Where `ptb-lm eval` reads the checkpoint's corpus: where training read it (its absolute
@@ -151,8 +157,25 @@ pub fn run(
         (None, Some(file)) => DataConfig { file: Some(file.clone()), ..elsewhere },
         (None, None) => recorded.map_or_else(|| cfg.data.clone(), |r| r.data.clone()),
     };
+    let mut default_note = None;
+    let target = match target {
+        Target::DefaultSplit if !data.has_test() => {
+            if dynamic.is_some_and(|d| d.search) {
+                bail!(
+                    "--dynamic-search chooses its settings on the validation split, and {}'s corpus has no test \
+                     split to score apart from it; give --split valid to score validation anyway, or --file",
+                    checkpoint.display()
+                );
+            }
+            default_note = Some("the corpus has no test split (data.split): validation scored".to_string());
+            &Target::Split(Split::Valid)
+        }
+        Target::DefaultSplit => &Target::Split(Split::Test),
+        t => t,
+    };
     let model = ckpt.model(device)?;
-    let scored = Scored::read(target, &data, &tokenizer, checkpoint, recorded)?;
+    let mut scored = Scored::read(target, &data, &tokenizer, checkpoint, recorded)?;
+    scored.notes.extend(default_note);
     if let Some(d) = dynamic {
         return run_dynamic(&model, &ckpt, &data, &tokenizer, scored, d);
     }
@@ -215,6 +238,7 @@ impl Scored {
     ) -> Result<Scored> {
         let mut notes = Vec::new();
         match target {
+            Target::DefaultSplit => unreachable!("resolved to a split first"),
             Target::Split(split) => {
                 let mut e = Corpus::load_split(data, *split, tokenizer, checkpoint, recorded)?;
                 let limit = data::token_limit(data, *split);

@@ -111,9 +111,10 @@ struct EvalArgs {
     /// Checkpoint directory, e.g. runs/better/best
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
-    /// Split of the checkpoint's corpus: test, valid or train
-    #[arg(long, default_value = "test", conflicts_with = "file")]
-    split: ptb_lm::data::Split,
+    /// Split of the checkpoint's corpus: test, valid or train (default: test, or valid where
+    /// the corpus has no test split)
+    #[arg(long, conflicts_with = "file")]
+    split: Option<ptb_lm::data::Split>,
     /// A text file (one sentence per line) instead of a PTB split
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
@@ -304,9 +305,14 @@ fn run_train(args: TrainArgs) -> Result<()> {
     };
     use std::io::Write;
     let _ = match outcome {
-        train::Outcome::Finished(s) if args.quiet => {
-            writeln!(std::io::stdout(), "test perplexity: {:.4} | bits per character: {:.4}", s.test_ppl, s.test_bpc)
-        }
+        train::Outcome::Finished(s) if args.quiet => writeln!(
+            std::io::stdout(),
+            "{} perplexity: {:.4} | bits per character: {:.4}{}",
+            s.final_split,
+            s.final_ppl,
+            s.final_bpc,
+            if s.final_split == ptb_lm::data::Split::Test { "" } else { " (no test split)" }
+        ),
         train::Outcome::Finished(_) | train::Outcome::Worker => Ok(()),
         train::Outcome::Stopped(p) => writeln!(std::io::stdout(), "{p}"),
     };
@@ -316,7 +322,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
 fn run_eval(args: EvalArgs) -> Result<()> {
     let target = match args.file {
         Some(path) => eval::Target::File { path, allow_unk: args.allow_unk },
-        None => eval::Target::Split(args.split),
+        None => args.split.map_or(eval::Target::DefaultSplit, eval::Target::Split),
     };
     let dynamic = (args.dynamic || args.dynamic_search).then(|| eval::DynamicOptions {
         settings: ptb_lm::dynamic::Settings {

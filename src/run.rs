@@ -132,7 +132,11 @@ impl RunDir {
             "best" | "last" | "best.old" | "last.old" => meta.is_dir() && is_checkpoint(&path),
             ".best.tmp" | ".last.tmp" => meta.is_dir() && only_checkpoint_files(&path),
             "metrics.jsonl" => meta.is_file() && crate::metrics::MetricsLog::new(path.clone()).read().is_ok(),
-            "summary.json" => meta.is_file() && has_keys(&path, &["run_dir", "test_ppl", "epochs", "best_valid_ppl"]),
+            "summary.json" => {
+                meta.is_file()
+                    && has_keys(&path, &["run_dir", "epochs", "best_valid_ppl"])
+                    && (has_keys(&path, &["test_ppl"]) || has_keys(&path, &["final_ppl"]))
+            }
             "corpus.json" => meta.is_file() && has_keys(&path, &["layout", "vocab_size", "tokens", "unk_replaced"]),
             "config.toml" => meta.is_file() && fs::read_to_string(&path).is_ok_and(|t| t.starts_with(CONFIG_HEADER)),
             _ => meta.is_file() && fs::read(&path).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n")),

@@ -145,13 +145,15 @@ pub struct Interrupted {
     pub finished: bool,
     /// What stopped it: "interrupted", or "stdout was closed".
     pub reason: &'static str,
+    /// The split the final evaluation scores (valid where the corpus has no test split).
+    pub final_split: Split,
 }
 
 /// What a run stopped after its last epoch keeps, and how to finish it.
-fn left_to_test(run_dir: &Path) -> String {
+fn left_to_test(run_dir: &Path, split: Split) -> String {
     let run = run_dir.display();
     format!(
-        "every epoch is saved in {run}; continue with: ptb-lm train --resume {run} to score the test split \
+        "every epoch is saved in {run}; continue with: ptb-lm train --resume {run} to score the {split} split \
          with best/ and write summary.json"
     )
 }
@@ -160,7 +162,8 @@ impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let run = self.run_dir.display();
         if self.finished {
-            return write!(f, "{} before the test evaluation; {}", self.reason, left_to_test(&self.run_dir));
+            let (split, run) = (self.final_split, &self.run_dir);
+            return write!(f, "{} before the {split} evaluation; {}", self.reason, left_to_test(run, split));
         }
         write!(
             f,
@@ -186,9 +189,18 @@ pub struct Summary {
     pub best_valid_ppl: Option<f64>,
     /// Bits per character beside each perplexity (see [`eval::bits_per_char`]).
     pub best_valid_bpc: Option<f64>,
-    pub test_ppl: f64,
-    pub test_bpc: f64,
-    pub test_seconds: f64,
+    /// The split the best checkpoint is finally scored on: `test`, or `valid` where the
+    /// corpus has no test split (`data.split` of two parts); `final_*` are its numbers.
+    pub final_split: Split,
+    pub final_ppl: f64,
+    pub final_bpc: f64,
+    /// The final numbers again under their old names, only where they are of the test split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_ppl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_bpc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_seconds: Option<f64>,
     pub train_seconds: f64,
     /// With `train.dynamic_eval`: the test split under dynamic evaluation, and the seconds
     /// of its gradient statistics and pass together.
@@ -416,7 +428,8 @@ fn check_memory(cfg: &Config, device: Device) -> Result<()> {
 struct Splits {
     train: Batches,
     valid: Batches,
-    test: Batches,
+    /// None where the corpus has no test split.
+    test: Option<Batches>,
     /// (tokens, characters) the batches of train (all ranks'), valid and test score.
     scored: [(u64, u64); 3],
 }
@@ -433,11 +446,24 @@ impl Splits {
     fn new(corpus: &Corpus, cfg: &Config, device: Device) -> Result<Splits> {
         let t = &cfg.train;
         let (train, eval) = ((t.batch_size, "train.batch_size"), (t.eval_batch_size, "train.eval_batch_size"));
-        let [train, valid, test] = [(Split::Train, train), (Split::Valid, eval), (Split::Test, eval)]
-            .map(|(split, batch)| corpus.batches(split, &cfg.data, batch, t.bptt, device));
-        let (train, valid, test) = (train?, valid?, test?);
-        let scored = [(&train, Split::Train), (&valid, Split::Valid), (&test, Split::Test)]
-            .map(|(b, split)| ((b.len() as i64 * b.tokens_per_batch()) as u64, b.chars_scored(corpus.chars(split))));
+        let [train, valid, test] =
+            [(Split::Train, train), (Split::Valid, eval), (Split::Test, eval)].map(|(split, batch)| {
+                corpus
+                    .info
+                    .layout
+                    .has(split)
+                    .then(|| corpus.batches(split, &cfg.data, batch, t.bptt, device))
+                    .transpose()
+            });
+        let (train, valid, test) =
+            (train?.expect("every corpus has a train split"), valid?.expect("every corpus has a valid split"), test?);
+        let scored = [(Some(&train), Split::Train), (Some(&valid), Split::Valid), (test.as_ref(), Split::Test)].map(
+            |(b, split)| {
+                b.map_or((0, 0), |b| {
+                    ((b.len() as i64 * b.tokens_per_batch()) as u64, b.chars_scored(corpus.chars(split)))
+                })
+            },
+        );
         Ok(Splits { train, valid, test, scored })
     }
 }
@@ -583,7 +609,8 @@ impl Session {
         let valid_tokens = tokens(&self.splits.valid);
         Reserve {
             valid_tokens,
-            test_tokens: tokens(&self.splits.test),
+            // The final evaluation scores the test split, or validation where there is none.
+            test_tokens: tokens(self.splits.test.as_ref().unwrap_or(&self.splits.valid)),
             eval_tokens_per_s: match self.last_valid_seconds {
                 Some(s) if s > 0.0 => valid_tokens / s,
                 _ => 2.0 * train_speed,
@@ -661,8 +688,11 @@ impl Session {
         if self.stopping(stop) {
             return Err(self.interrupted(true).into());
         }
-        let _note =
-            interrupt::Note::enter(format!("interrupted in the test evaluation; {}", left_to_test(&self.run.root)));
+        let split = self.final_split();
+        let _note = interrupt::Note::enter(format!(
+            "interrupted in the {split} evaluation; {}",
+            left_to_test(&self.run.root, split)
+        ));
         failpoint::pause("test");
         self.finish().map(Outcome::Finished)
     }
@@ -722,6 +752,16 @@ impl Session {
             batches: self.splits.train.len(),
             finished,
             reason: self.reason(),
+            final_split: self.final_split(),
+        }
+    }
+
+    /// The split the best checkpoint is finally scored on: test, or valid where there is none.
+    fn final_split(&self) -> Split {
+        if self.splits.test.is_some() {
+            Split::Test
+        } else {
+            Split::Valid
         }
     }
 
@@ -1124,8 +1164,15 @@ impl Session {
         let best = Checkpoint::load(&self.run.best())?;
         let model = best.model(self.device)?;
         let t = Instant::now();
-        let test_loss = eval::mean_loss(&model, &self.splits.test);
-        let test_ppl = test_loss.exp();
+        // With no test split, the best checkpoint is scored on validation, and says so.
+        let (final_split, batches, i) = match &self.splits.test {
+            Some(test) => (Split::Test, test, 2),
+            None => (Split::Valid, &self.splits.valid, 1),
+        };
+        let final_loss = eval::mean_loss(&model, batches);
+        let (final_ppl, final_bpc, seconds) =
+            (final_loss.exp(), self.splits.bpc(i, final_loss), t.elapsed().as_secs_f64());
+        let is_test = final_split == Split::Test;
         let summary = Summary {
             run_dir: self.run.root.clone(),
             device: device::name(self.device),
@@ -1134,20 +1181,23 @@ impl Session {
             best_epoch: Some(best.meta.epoch),
             best_valid_ppl: self.schedule.best,
             best_valid_bpc: self.schedule.best.map(|p| self.splits.bpc(1, p.ln())),
-            test_ppl,
-            test_bpc: self.splits.bpc(2, test_loss),
-            test_seconds: t.elapsed().as_secs_f64(),
+            final_split,
+            final_ppl,
+            final_bpc,
+            test_ppl: is_test.then_some(final_ppl),
+            test_bpc: is_test.then_some(final_bpc),
+            test_seconds: is_test.then_some(seconds),
             train_seconds: self.records.iter().map(|r| r.seconds + r.valid_seconds).sum(),
             test_ppl_dynamic: None,
             test_bpc_dynamic: None,
             dynamic_seconds: None,
         };
+        let no_test = if is_test { "" } else { " (no test split: the best checkpoint scored on validation)" };
         self.reporter.line(&format!(
-            "best valid ppl {:.2} (epoch {}) | test ppl {:.2} | test bpc {:.4} | checkpoint {}",
+            "best valid ppl {:.2} (epoch {}) | {final_split} ppl {final_ppl:.2} | {final_split} bpc {final_bpc:.4}{no_test} \
+             | checkpoint {}",
             summary.best_valid_ppl.unwrap_or(f64::NAN),
             best.meta.epoch,
-            test_ppl,
-            summary.test_bpc,
             self.run.best().display()
         ));
         let mut summary = summary;

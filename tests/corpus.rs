@@ -219,3 +219,115 @@ fn a_vocabulary_too_small_for_a_checkpoint_is_refused_before_the_run_starts() {
     assert_success(&s.run(&["eval", "--checkpoint", "run-two/best", "--device", "cpu"]));
     assert_success(&s.run(&["generate", "--checkpoint", "run-two/best", "--words", "3"]));
 }
+
+/// nanoGPT's cut (`shakespeare_char/prepare.py`): `int(n * f)`, f64 as Python's float.
+fn nanogpt_cut(n: usize, f: f64) -> usize {
+    (n as f64 * f).floor() as usize
+}
+
+#[test]
+fn a_character_split_cuts_where_nanogpt_cuts_and_its_parts_make_the_file() {
+    use ptb_lm::data::split_chars;
+    // Generated text with multi-byte characters and lines of every length, cut at every length.
+    let text: String = (0..400).map(|i| format!("{}é{}\n", "ab".repeat(i % 7), "€".repeat(i % 3))).collect();
+    let chars: Vec<char> = text.chars().collect();
+    for n in [7, 10, 11, 99, 101, 997, chars.len()] {
+        let t: String = chars[..n].iter().collect();
+        for split in [vec![0.9, 0.1], vec![0.8, 0.1, 0.1], vec![0.5, 0.5]] {
+            let (parts, cuts) = split_chars(&t, &split, Path::new("g.txt")).unwrap();
+            assert_eq!(parts.concat(), t, "{n} {split:?}: the parts are the text, in order");
+            assert_eq!(parts.len(), split.len());
+            assert_eq!(parts[0].chars().count(), nanogpt_cut(n, split[0]), "{n} {split:?}");
+            assert_eq!(cuts[0], nanogpt_cut(n, split[0]));
+            if split.len() == 3 {
+                assert_eq!(cuts[1], nanogpt_cut(n, split[0] + split[1]), "{n} {split:?}");
+                assert_eq!(parts[1].chars().count(), cuts[1] - cuts[0]);
+            }
+        }
+    }
+    // A part that would be empty is an error naming the part and the key.
+    let e = split_chars("abc", &[0.8, 0.1, 0.1], Path::new("g.txt")).unwrap_err().to_string();
+    assert!(
+        e.starts_with("g.txt: the valid part of data.split = [0.8, 0.1, 0.1] of the 3 characters would be empty"),
+        "{e}"
+    );
+    // Tiny Shakespeare: 1,115,394 characters, 1,003,854 / 111,540 as nanoGPT prints them.
+    let text = std::fs::read_to_string(shakespeare_file()).unwrap();
+    let (parts, cuts) = split_chars(&text, &[0.9, 0.1], &shakespeare_file()).unwrap();
+    let n = text.chars().count();
+    assert_eq!((n, cuts[0]), (1_115_394, nanogpt_cut(n, 0.9)));
+    assert_eq!([parts[0].chars().count(), parts[1].chars().count()], [1_003_854, 111_540]);
+    assert_eq!(parts.concat(), text);
+}
+
+#[test]
+fn a_character_split_needs_a_file_fractions_that_sum_to_one_and_a_tokenizer_that_reads_characters() {
+    let base = "[data]\nfile = \"f.txt\"\ntokenizer = \"char\"\n\n[model]\nwordvec_size = 8\nhidden_size = 8\n\n\
+                [train]\nlr = 1.0\nepochs = 1\n";
+    let c = config_with(base, &["data.split=[0.9, 0.1]"]);
+    assert!(!c.data.has_test());
+    assert!(config_with(base, &["data.split=[0.8, 0.1, 0.1]"]).data.has_test());
+    // A run's saved config reads back as the same config.
+    assert_eq!(ptb_lm::config::Config::parse(&c.to_toml(), &[]).unwrap(), c);
+    for (set, expect) in [
+        ("data.split=[0.9, 0.2]", "data.split: the fractions must sum to 1"),
+        ("data.split=[1.0]", "data.split must be [train, valid] or [train, valid, test]"),
+        ("data.split=[1.0, 0.0]", "data.split: every fraction must be in (0, 1)"),
+    ] {
+        let e = ptb_lm::config::Config::parse(base, &[set.to_string()]).unwrap_err().to_string();
+        assert!(e.starts_with(expect), "{set}: {e}");
+    }
+    let err = |o: &[&str]| {
+        let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+        ptb_lm::config::Config::parse(base, &o).unwrap_err().to_string()
+    };
+    assert!(err(&["data.split=[0.9, 0.1]", "data.valid_fraction=0.1"]).contains("not both"));
+    assert!(err(&["data.split=[0.9, 0.1]", "data.tokenizer=\"word\""]).contains("can fall inside a word"));
+    assert!(
+        err(&["data.split=[0.9, 0.1]", "data.test_tokens=100"]).starts_with("data.test_tokens: data.split has no test")
+    );
+}
+
+#[test]
+fn a_run_without_a_test_split_reports_on_validation_and_eval_says_so() {
+    let s = Sandbox::new();
+    // Cut mid-line on purpose: the first 2000 lines of Tiny Shakespeare, then half a line.
+    let text = format!("{}Second Citizen:\nWould you proceed", shakespeare(2000));
+    std::fs::write(s.path("one.txt"), &text).unwrap();
+    let cfg = config(&s, "cut", "file = \"one.txt\"\ntokenizer = \"char\"\nsplit = [0.9, 0.1]");
+    let o = s.run(&["train", "--config", &cfg]);
+    assert_success(&o);
+    let last = stdout(&o).trim_end().lines().last().unwrap().to_string();
+    assert!(last.contains("valid ppl") && last.contains("(no test split") && !last.contains("test ppl"), "{last}");
+    // Every character is one token, the parts hold exactly nanoGPT's counts, and there is no test.
+    let n = text.chars().count() as u64;
+    let info = corpus_json(&s, "run-cut");
+    let (train, valid) = (nanogpt_cut(n as usize, 0.9) as u64, n - nanogpt_cut(n as usize, 0.9) as u64);
+    assert_eq!(info["tokens"], serde_json::json!([train, valid, 0]), "{info}");
+    assert_eq!(info["chars"], serde_json::json!([train, valid, 0]), "{info}");
+    assert_eq!(info["split_chars"], serde_json::json!([train]), "{info}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run-cut/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["final_split"], "valid", "{summary}");
+    assert!(summary.get("test_ppl").is_none() && summary.get("test_bpc").is_none(), "{summary}");
+    let (ppl, best) = (summary["final_ppl"].as_f64().unwrap(), summary["best_valid_ppl"].as_f64().unwrap());
+    assert!(
+        ppl.is_finite() && (ppl - best).abs() <= 1e-4 * best,
+        "the best checkpoint scored on valid again: {summary}"
+    );
+    // Every token is one character: bits per character is the loss in bits.
+    let bpc = summary["final_bpc"].as_f64().unwrap();
+    assert!((bpc - ppl.log2()).abs() <= 1e-9 * bpc, "{summary}");
+    // eval scores validation by default, and says why; the test split asked for is an error.
+    let o = s.run(&["eval", "--checkpoint", "run-cut/best", "--device", "cpu"]);
+    assert_success(&o);
+    assert!(stdout(&o).starts_with("valid perplexity: ") && stdout(&o).contains("no test split"), "{}", stdout(&o));
+    let o = s.run(&["eval", "--checkpoint", "run-cut/best", "--split", "test", "--device", "cpu"]);
+    assert_one_line_error(&o, &["one.txt: the corpus has no test split", "score --split valid"]);
+    let o = s.run(&["eval", "--checkpoint", "run-cut/best", "--dynamic-search", "--device", "cpu"]);
+    assert_one_line_error(&o, &["--dynamic-search chooses its settings on the validation split", "--split valid"]);
+    // The checkpoint still knows its text: one character changed is refused.
+    std::fs::write(s.path("one.txt"), text.replacen("First", "first", 1)).unwrap();
+    let o = s.run(&["eval", "--checkpoint", "run-cut/best", "--split", "valid", "--device", "cpu"]);
+    assert_one_line_error(&o, &["one.txt: not the text", "was trained on"]);
+}
