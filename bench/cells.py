@@ -2,16 +2,18 @@
 """The book's comparison of recurrent cells, measured: one ptb-lm run per cell and size.
 
 Trains each cell (lstm, gru, rnn_tanh, rnn_relu) at the book's Rnnlm size (configs/rnnlm.toml:
-1 layer of 100 units, 4 epochs, SGD lr 20, clipping 0.25) and as a 2-layer model (2×200,
-tied, dropout 0.2, 4 epochs), each with the same seed, and prints a Markdown table: test
+1 layer of 100 units, 4 epochs, SGD lr 20, clipping 0.25) and as a 2-layer model (2×100 as
+rnnlm.toml otherwise, or 2×200 tied with dropout 0.2), each with the same seed, and prints a Markdown table: test
 perplexity and bits per character, parameters, train tokens/s (last epoch), and whether the
 run trained at all. A run the divergence guard stops is reported as such, with its message.
 `--lr CELL=LR` adds a row for CELL at another learning rate (e.g. --lr rnn_tanh=1).
 
 usage: bench/cells.py [--bin target/release/ptb-lm] [--out runs/cells] [--epochs 4]
-                      [--sizes rnnlm,2x200] [--cells lstm,gru,rnn_tanh,rnn_relu] [--threads N]
+                      [--sizes rnnlm,2x100,2x200] [--cells lstm,gru,rnn_tanh,rnn_relu]
+                      [--threads N] [--jobs N] [--lr CELL=LR ...]
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -60,22 +62,25 @@ def main():
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release/ptb-lm"))
     ap.add_argument("--out", default="runs/cells")
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--sizes", default="rnnlm,2x200")
+    ap.add_argument("--sizes", default="rnnlm,2x100")
     ap.add_argument("--cells", default="lstm,gru,rnn_tanh,rnn_relu")
     ap.add_argument("--lr", action="append", default=[], help="CELL=LR: an extra row at another learning rate")
     ap.add_argument("--data-dir")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (give each --threads 1 on 2 cores)")
     args = ap.parse_args()
     extra = [(c, float(l)) for c, l in (x.split("=") for x in args.lr)]
-    rows = []
-    for size in args.sizes.split(","):
-        for cell in args.cells.split(","):
-            rows.append(run(args, size, cell, None))
-            print(json.dumps(rows[-1]), flush=True)
-        for cell, lr in extra:
-            rows.append(run(args, size, cell, lr))
-            print(json.dumps(rows[-1]), flush=True)
+    todo = [(size, cell, None) for size in args.sizes.split(",") for cell in args.cells.split(",")]
+    todo += [(size, cell, lr) for size in args.sizes.split(",") for cell, lr in extra]
+
+    def one(job):
+        row = run(args, *job)
+        print(json.dumps(row), flush=True)
+        return row
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(one, todo))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
