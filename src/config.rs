@@ -611,8 +611,11 @@ impl Config {
                  score validation with `ptb-lm eval --checkpoint RUN/best --split valid --dynamic` instead"
             );
         }
-        if let Some(m) = t.max_minutes.filter(|m| !(m.is_finite() && *m > 0.0)) {
-            bail!("train.max_minutes must be a positive number of minutes (got {m}); leave it out for no time limit");
+        if let Some(m) = t.max_minutes.filter(|m| !(m.is_finite() && *m > 0.0 && *m <= 525_600.0)) {
+            bail!(
+                "train.max_minutes must be a positive number of minutes, at most 525600 (a year; got {m}); leave it \
+                 out for no time limit"
+            );
         }
         if t.asgd && t.asgd_nonmono == 0 {
             bail!("train.asgd_nonmono must be at least 1");

@@ -75,13 +75,16 @@ impl LrSchedule {
         improved
     }
 
-    /// The learning rate of the step at `p`.
+    /// The learning rate of the step at `p`. During the warm-up the cosine has not started
+    /// (whatever the fraction says: a warm-up as long as the run still climbs to `lr`).
     pub fn at(&self, p: Progress) -> f64 {
-        let warm = if p.step < self.warmup_steps { (p.step + 1) as f64 / self.warmup_steps as f64 } else { 1.0 };
+        let warming = p.step < self.warmup_steps;
+        let warm = if warming { (p.step + 1) as f64 / self.warmup_steps as f64 } else { 1.0 };
         let shape = match self.kind {
             Schedule::Plateau => self.lr,
             Schedule::Cosine => {
-                let c = 0.5 * (1.0 + (std::f64::consts::PI * p.fraction.clamp(0.0, 1.0)).cos());
+                let f = if warming { 0.0 } else { p.fraction.clamp(0.0, 1.0) };
+                let c = 0.5 * (1.0 + (std::f64::consts::PI * f).cos());
                 // The guard's divisions scale the whole curve, floor included.
                 (self.min_lr + (self.initial - self.min_lr) * c) * (self.lr / self.initial)
             }
@@ -102,6 +105,11 @@ impl LrSchedule {
 
 /// `train.max_minutes`: when training must end so that validating the last epoch and
 /// testing the best one still fit.
+///
+/// The evaluations' time is estimated from speeds the run measures; the first moments of a
+/// run (allocation, warm-up) are far slower than the rest, so no estimate is trusted before
+/// [`MIN_MEASURED_S`] seconds of training in the process: until then the budget counts only
+/// the time spent.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TimeBudget {
     pub seconds: f64,
@@ -141,6 +149,9 @@ impl Reserve {
         1.1 * s
     }
 }
+
+/// Seconds of training a process measures before its speed estimates count.
+pub const MIN_MEASURED_S: f64 = 5.0;
 
 impl TimeBudget {
     pub fn of(t: &TrainConfig) -> Option<TimeBudget> {
@@ -224,6 +235,11 @@ mod tests {
         assert_eq!(s.fraction_of_steps(54, 104), 0.5);
         assert_eq!(s.fraction_of_steps(104, 104), 1.0);
         assert_eq!(s.fraction_of_steps(3, 3), 1.0, "a run shorter than its warm-up");
+        // A warm-up as long as the run (or longer) still climbs: the cosine has not started.
+        let long = LrSchedule::new(&train_config(&["train.schedule=cosine", "train.warmup_steps=1000"]));
+        assert_eq!(at(&long, 0, long.fraction_of_steps(0, 300)), 0.02);
+        assert_eq!(at(&long, 299, long.fraction_of_steps(299, 300)), 6.0);
+        assert_eq!(at(&long, 299, 1.0), 6.0, "under a time budget too");
         let p = LrSchedule::new(&train_config(&["train.warmup_steps=2"]));
         assert_eq!((at(&p, 0, 0.0), at(&p, 1, 0.0), at(&p, 2, 0.0)), (10.0, 20.0, 20.0));
     }

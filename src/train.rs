@@ -298,6 +298,14 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
     // Every epoch trained but no summary of them: the final test evaluation was cut short, and
     // the session below goes straight to it.
     if position.epoch > cfg.train.epochs || (position.epoch == cfg.train.epochs && summarised(&run, position.epoch)) {
+        if cosine_spans_epochs(&cfg) {
+            bail!(
+                "{}: the run already finished its {} epochs; its cosine schedule spanned them, so it cannot be \
+                 trained further: start a new run with more train.epochs",
+                run_dir.display(),
+                position.epoch
+            );
+        }
         bail!(
             "{}: the run already finished {} epochs (train.epochs = {}); train further with --epochs N, N > {}",
             run_dir.display(),
@@ -327,6 +335,12 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
         run.write_config(&cfg)?;
     }
     Session::new(cfg, corpus, splits, model, device, run, opts, Some(ckpt), group)?.run(stop)
+}
+
+/// Whether the learning rate follows a cosine over the run's epochs (not over a time
+/// budget), so that the epoch count is part of every step's rate.
+fn cosine_spans_epochs(cfg: &Config) -> bool {
+    cfg.train.schedule == crate::config::Schedule::Cosine && cfg.train.max_minutes.is_none()
 }
 
 /// Whether `summary.json` holds the test result of the run's first `epochs` epochs (not one
@@ -372,6 +386,15 @@ fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path) -> Result<
     probe.train.log_grad_norm = old.train.log_grad_norm;
     if &probe != old {
         bail!("when resuming, only {} may change ({})", allowed.join(", "), crate::run::config_diff(old, &probe));
+    }
+    if cfg.train.epochs != old.train.epochs && cosine_spans_epochs(old) {
+        bail!(
+            "when resuming, train.epochs cannot change under train.schedule = \"cosine\": its curve spans the run's {} \
+             epochs, and {} would be another curve, matching neither; start a new run for {} epochs",
+            old.train.epochs,
+            cfg.train.epochs,
+            cfg.train.epochs
+        );
     }
     let mut cfg = cfg;
     cfg.run.out_dir = run_dir.to_path_buf();
@@ -801,7 +824,13 @@ impl Session {
             }
             last_check = Instant::now();
             let elapsed = self.pos.seconds + t0.elapsed().as_secs_f64();
-            let speed = (counted - start) as f64 * self.tokens_per_batch() / t0.elapsed().as_secs_f64().max(1e-9);
+            // No speed is trusted from the first seconds of a process (see TimeBudget).
+            let measured = t0.elapsed().as_secs_f64();
+            let speed = if measured >= crate::schedule::MIN_MEASURED_S {
+                (counted - start) as f64 * self.tokens_per_batch() / measured
+            } else {
+                0.0
+            };
             let fraction = self.budget_fraction(elapsed, speed);
             let (sum, stopping, fraction) = self.agree(self.step.loss_sum(), stopping, fraction)?;
             self.time_fraction = fraction;

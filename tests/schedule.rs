@@ -121,3 +121,32 @@ fn schedule_and_budget_keys_are_checked_by_name() {
         assert!(!s.path("run").exists(), "{extra}: nothing may be written");
     }
 }
+
+#[test]
+fn a_warm_up_as_long_as_the_run_still_trains_and_a_cosine_run_is_not_stretched_on_resume() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "schedule = \"cosine\"\nwarmup_steps = 100000");
+    let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]);
+    assert_success(&o);
+    let lr = records(&s.path("run"))[0]["lr"].as_f64().unwrap();
+    assert!(lr > 0.0, "the warm-up climbs even when the run ends inside it: lr {lr}");
+    // The cosine spans the run's epochs: another count would be another curve.
+    let o = s.run(&["train", "--resume", "run", "--epochs", "3"]);
+    assert_one_line_error(&o, &["train.epochs cannot change under train.schedule = \"cosine\""]);
+    let o = s.run(&["train", "--resume", "run"]);
+    assert_one_line_error(&o, &["its cosine schedule spanned them, so it cannot be trained further"]);
+}
+
+#[test]
+fn a_budget_that_keeps_room_for_dynamic_evaluation_still_trains_before_it_judges_the_speed() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "max_minutes = 0.5\ndynamic_eval = true");
+    let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "10000"]);
+    assert_success(&o);
+    let sum = summary(&s.path("run"));
+    // The first moments of a process are slow (allocation, warm-up): no speed measured in
+    // them may end training, so it trains at least that long whatever the machine.
+    let trained: f64 = sum["epochs"].as_array().unwrap().iter().map(|r| r["seconds"].as_f64().unwrap()).sum();
+    assert!(trained >= ptb_lm::schedule::MIN_MEASURED_S, "trained only {trained} s of a 30 s budget");
+    assert!(sum["test_ppl_dynamic"].as_f64().unwrap().is_finite());
+}
