@@ -282,15 +282,6 @@ fn every_cell_resumes_mid_epoch_from_its_saved_state_as_if_never_stopped() {
     }
 }
 
-/// The metrics.jsonl records of a run, as JSON.
-fn records(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// An epoch record's `grad_norm_through_time`, None when absent.
 fn grad_norms(record: &serde_json::Value) -> Option<Vec<f64>> {
     record.get("grad_norm_through_time").map(|v| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())

@@ -23,14 +23,6 @@ fn stable(s: &Sandbox) -> String {
     cfg.to_str().unwrap().to_string()
 }
 
-fn records(run: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// Two ranks started by hand, as a launcher would (a free port, collectives time out in 20 s).
 fn spawn_ranks(s: &Sandbox, cfg: &str, epochs: &str) -> Vec<std::process::Child> {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();

@@ -586,25 +586,6 @@ fn a_signal_during_the_final_test_evaluation_exits_130_with_the_run_saved() {
     assert_success(&o);
 }
 
-/// `train` of `epochs` (1-based total) in `run` (a new run, or `--resume`), cut by SIGINT while
-/// its final test evaluation is held by a failpoint; returns its stderr.
-fn cut_in_the_test_evaluation(s: &Sandbox, args: &[&str]) -> String {
-    let mut child = s
-        .command(args)
-        .env("PTB_LM_FAILPOINT_PAUSE", "test")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut text = wait_for(&mut err, "paused in test");
-    signal(&child, libc::SIGINT);
-    let status = child.wait().unwrap();
-    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
-    assert_eq!(status.code(), Some(130), "{text}");
-    text
-}
-
 /// The test perplexity `ptb-lm eval` prints for `run/best` (4 decimals).
 fn eval_test_ppl(s: &Sandbox) -> f64 {
     let o = s.run(&["--threads", "1", "eval", "--checkpoint", "run/best", "--split", "test", "--device", "cpu"]);
@@ -616,7 +597,7 @@ fn eval_test_ppl(s: &Sandbox) -> f64 {
 fn a_run_cut_in_its_final_test_evaluation_is_completed_by_resume() {
     let s = Sandbox::new();
     let cfg = s.config("c.toml", "");
-    let err = cut_in_the_test_evaluation(
+    let err = cut_in_the_final_evaluation(
         &s,
         &["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "1"],
     );
@@ -656,7 +637,7 @@ fn a_run_cut_in_its_final_test_evaluation_is_completed_by_resume() {
 
     // Trained further and cut in the test evaluation again: the earlier summary (of epoch 1)
     // does not count as this one.
-    cut_in_the_test_evaluation(&s, &["--threads", "1", "train", "--resume", "run", "--epochs", "2"]);
+    cut_in_the_final_evaluation(&s, &["--threads", "1", "train", "--resume", "run", "--epochs", "2"]);
     assert_success(&s.run(&["--threads", "1", "train", "--resume", "run"]));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();

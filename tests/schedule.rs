@@ -6,20 +6,6 @@ mod common;
 
 use common::*;
 use ptb_lm::checkpoint::Checkpoint;
-use std::io::BufReader;
-use std::process::Stdio;
-
-fn records(run: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn summary(run: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
-}
 
 #[test]
 fn a_cosine_run_warms_up_then_decays_to_its_floor_by_the_last_step() {
@@ -81,20 +67,10 @@ fn a_time_budget_ends_training_in_time_and_the_run_is_complete() {
 fn a_budget_run_cut_in_its_final_test_is_completed_by_resume_without_training_more() {
     let s = Sandbox::new();
     let cfg = s.config("c.toml", "max_minutes = 0.05");
-    let mut child = s
-        .command(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "10000"])
-        .env("PTB_LM_FAILPOINT_PAUSE", "test")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut text = wait_for(&mut err, "paused in test");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = child.wait().unwrap();
-    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
-    assert_eq!(status.code(), Some(130), "{text}");
+    cut_in_the_final_evaluation(
+        &s,
+        &["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "10000"],
+    );
     let trained = records(&s.path("run")).len();
     assert!(!s.path("run/summary.json").exists());
 

@@ -246,3 +246,37 @@ pub fn number_after(text: &str, label: &str) -> f64 {
     let end = rest.find(|c: char| c == ')' || c == ';' || c == ',' || c.is_whitespace()).unwrap_or(rest.len());
     rest[..end].parse().unwrap_or_else(|_| panic!("no number after {label:?} in {text}"))
 }
+
+/// The epoch records of a run's metrics.jsonl.
+pub fn records(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A run's summary.json.
+pub fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+/// Runs `ptb-lm args` in the sandbox, cut by SIGINT while its final evaluation is held by
+/// a failpoint; checks it exits 130 and returns its stderr.
+pub fn cut_in_the_final_evaluation(s: &Sandbox, args: &[&str]) -> String {
+    let mut child = s
+        .command(args)
+        .env("PTB_LM_FAILPOINT_PAUSE", "test")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut text = wait_for(&mut err, "paused in test");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    text
+}
