@@ -1,7 +1,8 @@
-//! Training, as the book's `train_better_rnnlm.py` does it: per epoch, SGD with global-norm
-//! clipping over the stateful batches, then validation perplexity; a better validation
-//! perplexity writes the `best/` checkpoint. At the end, the test perplexity of `best/`. The
-//! learning rate of each step and the end of a time budget are [`crate::schedule`]'s to say.
+//! Training, as the book's `train_better_rnnlm.py` does it: per epoch, SGD (or AdamW, see
+//! [`crate::optim`]) with global-norm clipping over the stateful batches, then validation
+//! perplexity; a better validation perplexity writes the `best/` checkpoint. At the end, the
+//! test perplexity of `best/`. The learning rate of each step and the end of a time budget
+//! are [`crate::schedule`]'s to say.
 //!
 //! Around it: a resumable `last/` checkpoint after every epoch and on Ctrl-C/SIGTERM,
 //! per-step seeds derived from (seed, epoch, batch) so an interrupted and resumed run
