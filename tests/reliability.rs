@@ -11,6 +11,29 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use tch::Device;
 
+/// Runs `ptb-lm args`, holds it after global step `step` (a failpoint), sends it a real
+/// SIGINT there and lets it go on; checks it exits 130 and returns its stderr.
+fn interrupted_after_step(s: &Sandbox, args: &[&str], step: usize) -> String {
+    let release = s.path("release");
+    let mut child = s
+        .command(args)
+        .env("PTB_LM_FAILPOINT_PAUSE", format!("step:{step}"))
+        .env("PTB_LM_FAILPOINT_RELEASE", &release)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr_lines = BufReader::new(child.stderr.take().unwrap());
+    wait_for(&mut stderr_lines, &format!("paused in step {step}"));
+    signal(&child, libc::SIGINT);
+    std::fs::write(&release, "").unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr_lines, &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "stderr: {err}");
+    err
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -50,23 +73,7 @@ fn interrupted_and_resumed_matches_uninterrupted(extra: &str) -> Sandbox {
     // of epoch 2: 40000 tokens / (10 x 20) = 200 steps an epoch), then resumed.
     let mut args = vec!["train", "--config", cfg, "--out-dir", "run"];
     args.extend(settings);
-    let release = s.path("release");
-    let mut child = s
-        .command(&args)
-        .env("PTB_LM_FAILPOINT_PAUSE", "step:205")
-        .env("PTB_LM_FAILPOINT_RELEASE", &release)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr_lines = BufReader::new(child.stderr.take().unwrap());
-    wait_for(&mut stderr_lines, "paused in step 205");
-    signal(&child, libc::SIGINT);
-    std::fs::write(&release, "").unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut stderr_lines, &mut err).unwrap();
-    assert_eq!(status.code(), Some(130), "stderr: {err}");
+    let err = interrupted_after_step(&s, &args, 205);
     assert!(err.contains("interrupted in epoch 2 after batch"), "{err}");
     assert!(err.contains("continue with: ptb-lm train --resume run"), "{err}");
     let last = Checkpoint::load(&s.path("run/last")).unwrap();
@@ -100,23 +107,7 @@ fn an_adam_run_stopped_mid_epoch_and_resumed_ends_bit_identical_to_an_uninterrup
     // Interrupted by a real SIGINT while held after step 105 (in epoch 2), then resumed.
     let mut args = vec!["train", "--config", cfg, "--out-dir", "run"];
     args.extend(settings);
-    let release = s.path("release");
-    let mut child = s
-        .command(&args)
-        .env("PTB_LM_FAILPOINT_PAUSE", "step:105")
-        .env("PTB_LM_FAILPOINT_RELEASE", &release)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr_lines = BufReader::new(child.stderr.take().unwrap());
-    wait_for(&mut stderr_lines, "paused in step 105");
-    signal(&child, libc::SIGINT);
-    std::fs::write(&release, "").unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut stderr_lines, &mut err).unwrap();
-    assert_eq!(status.code(), Some(130), "stderr: {err}");
+    interrupted_after_step(&s, &args, 105);
     let last = Checkpoint::load(&s.path("run/last")).unwrap();
     let pos = last.meta.resume.clone().unwrap();
     assert_eq!(pos.epoch, 1, "interrupted in the second epoch: {pos:?}");
