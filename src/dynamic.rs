@@ -333,18 +333,9 @@ pub fn mean_loss(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) -
         let step: Vec<Tensor> = stats.ms.iter().map(|(_, m)| (m + s.epsilon).reciprocal() * -s.lr).collect();
         (theta0, keep, pull, step)
     });
-    let stream = Tensor::from_slice(ids).to_device(device).view([-1, 1]);
-    let mut state = model.zero_state(1);
-    let mut sum = Tensor::zeros([], (Kind::Double, device));
-    let mut start = 0;
     let poison = crate::failpoint::dynamic_diverges();
-    while start < n {
-        let len = s.bptt.min(n - start);
-        zero_grads(&named);
-        let f = model.forward(&stream.narrow(0, start, len), &state, false);
-        let loss = LstmLm::loss(&f.logits, &stream.narrow(0, start + 1, len));
-        // Scored first, with the weights as they were before this segment.
-        sum += loss.detach().to_kind(Kind::Double) * len as f64;
+    // Each segment is scored first, with the weights as they were before it, then learnt from.
+    let mut learn = |loss: &Tensor| -> Result<()> {
         loss.backward();
         tch::no_grad(|| {
             for (i, (_, p)) in named.iter().enumerate() {
@@ -357,16 +348,19 @@ pub fn mean_loss(model: &LstmLm, ids: &[i64], stats: &GradStats, s: &Settings) -
                 let _ = named[0].1.shallow_clone().fill_(f64::NAN);
             }
         });
-        state = f.state.detach();
-        start += len;
-    }
+        zero_grads(&named);
+        Ok(())
+    };
+    zero_grads(&named);
+    let scored = crate::eval::score(model, 1, crate::eval::stream_segments(ids, s.bptt, device), Some(&mut learn));
     zero_grads(&named);
     tch::no_grad(|| {
         for ((_, p), t0) in named.iter().zip(&theta0) {
             p.shallow_clone().copy_(t0);
         }
     });
-    Ok(f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64)
+    let (sum, tokens) = scored?;
+    Ok(sum / tokens as f64)
 }
 
 /// Whether a dynamic evaluation's perplexity says the adaptation blew up: not finite, or

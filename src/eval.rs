@@ -34,17 +34,9 @@ pub fn bits_per_char(mean_loss: f64, tokens: u64, chars: u64) -> f64 {
 
 /// The mean loss (nats per token) whose exp is [`perplexity`].
 pub fn mean_loss(model: &LstmLm, batches: &Batches) -> f64 {
-    tch::no_grad(|| {
-        let mut state = model.zero_state(batches.batch_size());
-        let mut sum = Tensor::zeros([], (Kind::Double, batches.device()));
-        for k in 0..batches.len() {
-            let (x, y) = batches.get(k);
-            let f = model.forward(&x, &state, false);
-            sum += LstmLm::loss(&f.logits, &y).to_kind(Kind::Double);
-            state = f.state;
-        }
-        f64::try_from(&sum).unwrap_or(f64::NAN) / batches.len() as f64
-    })
+    let (sum, tokens) = score(model, batches.batch_size(), (0..batches.len()).map(|k| batches.get(k)), None)
+        .expect("static scoring has no step that fails");
+    sum / tokens as f64
 }
 
 /// Perplexity of every token of `corpus` but the first, read as one stream from a zero state
@@ -56,24 +48,58 @@ pub fn perplexity_of_stream(model: &LstmLm, corpus: &[i64], bptt: i64, device: D
 
 /// The mean loss (nats per token) whose exp is [`perplexity_of_stream`].
 pub fn stream_loss(model: &LstmLm, corpus: &[i64], bptt: i64, device: Device) -> f64 {
-    let n = corpus.len() as i64 - 1;
-    if n < 1 {
+    if corpus.len() < 2 {
         return f64::NAN;
     }
-    tch::no_grad(|| {
-        let ids = Tensor::from_slice(corpus).to_device(device).view([-1, 1]);
-        let mut state = model.zero_state(1);
-        let mut sum = Tensor::zeros([], (Kind::Double, device));
-        let mut start = 0;
-        while start < n {
-            let len = bptt.min(n - start);
-            let f = model.forward(&ids.narrow(0, start, len), &state, false);
-            sum += LstmLm::loss(&f.logits, &ids.narrow(0, start + 1, len)).to_kind(Kind::Double) * len as f64;
-            state = f.state;
-            start += len;
-        }
-        f64::try_from(&sum).unwrap_or(f64::NAN) / n as f64
+    let (sum, tokens) =
+        score(model, 1, stream_segments(corpus, bptt, device), None).expect("static scoring has no step that fails");
+    sum / tokens as f64
+}
+
+/// `ids` as one stream (batch 1) in segments of `bptt` tokens (the last one shorter): each
+/// segment's inputs and its targets, the tokens one further on; every token but the first is
+/// a target once.
+pub fn stream_segments(ids: &[i64], bptt: i64, device: Device) -> impl Iterator<Item = (Tensor, Tensor)> {
+    let n = ids.len() as i64 - 1;
+    let stream = Tensor::from_slice(ids).to_device(device).view([-1, 1]);
+    (0..n.max(0)).step_by(bptt.max(1) as usize).map(move |start| {
+        let len = bptt.min(n - start);
+        (stream.narrow(0, start, len), stream.narrow(0, start + 1, len))
     })
+}
+
+/// What a scoring pass does after scoring a segment: dynamic evaluation's update of the
+/// weights from the segment's mean loss (still attached to its graph).
+pub type Learn<'a> = &'a mut dyn FnMut(&Tensor) -> Result<()>;
+
+/// The one scoring loop, of every perplexity: reads `segments` ((T, B) inputs and targets,
+/// each continuing the `batch` streams of the one before) from a zero state without
+/// dropout, and returns the summed loss in nats of every target and how many targets there
+/// were. Each segment is scored with the weights as they are before it; with `learn` (dynamic
+/// evaluation) the loss keeps its graph and `learn` runs on it after the scoring, else
+/// nothing is recorded for gradients. Synchronises with the device once, at the end.
+pub fn score(
+    model: &LstmLm,
+    batch: i64,
+    segments: impl Iterator<Item = (Tensor, Tensor)>,
+    mut learn: Option<Learn>,
+) -> Result<(f64, u64)> {
+    let grad = learn.is_some();
+    let mut state = model.zero_state(batch);
+    let mut sum = Tensor::zeros([], (Kind::Double, model.device()));
+    let mut tokens = 0u64;
+    for (x, y) in segments {
+        let _no_grad = (!grad).then(tch::no_grad_guard);
+        let f = model.forward(&x, &state, false);
+        let loss = LstmLm::loss(&f.logits, &y);
+        sum += loss.detach().to_kind(Kind::Double) * y.numel() as f64;
+        tokens += y.numel() as u64;
+        if let Some(learn) = learn.as_mut() {
+            learn(&loss)?;
+        }
+        state = f.state.detach();
+    }
+    Ok((f64::try_from(&sum).unwrap_or(f64::NAN), tokens))
 }
 
 /// What `ptb-lm eval` measures.

@@ -6,11 +6,11 @@
 //! * [`text`]: the tokenizers (word, character, byte-level BPE): text <-> token ids
 //! * [`model`]: the recurrent language model
 //! * [`cell`]: the recurrent cell (LSTM, GRU, plain RNN) and all that differs between them
-//! * [`step`]: one training step (eager or replayed from a CUDA graph)
+//! * [`step`]: one training step (eager or replayed from a CUDA graph), its snapshots and averaging
 //! * [`optim`]: the step's update rule (SGD, or AdamW) and its state
-//! * [`train`]: the epoch loop, resume and NaN recovery
+//! * [`train`]: the epoch loop; set-up and resume, the divergence guard, reports, the end of a run
 //! * [`schedule`]: the learning rate of every step, and the time budget
-//! * [`eval`]: perplexity and the `eval` command
+//! * [`eval`]: the one scoring loop (every perplexity) and the `eval` command
 //! * [`gradflow`]: the gradient's norm through time (`train.log_grad_norm`, the book's §6.1 figure)
 //! * [`dynamic`]: dynamic evaluation (Krause et al. 2018)
 //! * [`generate`]: sampling text
@@ -19,6 +19,7 @@
 //! * [`fsutil`]: files written whole (temporary name, then rename)
 //! * [`metrics`], [`plot`], [`progress`]: what a run reports
 //! * [`device`], [`cuda`]: devices; CUDA graphs, precision knobs and memory statistics
+//! * [`replicas`]: the ranks of data-parallel training, or one process alone: every rank rule
 //! * [`dist`]: data-parallel training on torch.distributed (c10d, Gloo)
 //! * [`interrupt`]: Ctrl-C, SIGTERM and what each phase does with them
 //! * [`failpoint`]: test hooks that provoke faults (pauses, divergence) on any machine
@@ -42,6 +43,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod progress;
+pub mod replicas;
 pub mod run;
 pub mod schedule;
 pub mod step;

@@ -38,6 +38,10 @@ pub struct EpochRecord {
     /// steps back in time (see [`crate::gradflow`]); absent otherwise and in older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_norm_through_time: Option<Vec<f64>>,
+    /// Where the time budget (`train.max_minutes`) ended training inside this epoch: the
+    /// batches it trained, of how many. Absent for a whole epoch and in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_at_batch: Option<[usize; 2]>,
 }
 
 pub struct MetricsLog {

@@ -624,7 +624,7 @@ fn a_run_cut_in_its_final_test_evaluation_is_completed_by_resume() {
 
     // Now finished: resuming it again without more epochs is refused as before.
     let o = s.run(&["train", "--resume", "run"]);
-    assert_one_line_error(&o, &["already finished 1 epochs (train.epochs = 1)", "--epochs N, N > 1"]);
+    assert_one_line_error(&o, &["already finished 1 epoch (train.epochs = 1)", "--epochs N, N > 1"]);
 
     // Trained further and cut in the test evaluation again: the earlier summary (of epoch 1)
     // does not count as this one.

@@ -52,6 +52,14 @@ fn a_time_budget_ends_training_in_time_and_the_run_is_complete() {
     let pos = Checkpoint::load(&run.join("last")).unwrap().meta.resume.unwrap();
     assert!(pos.budget_spent);
     assert_eq!(pos.epoch, epochs.len());
+    // Only the last epoch can be cut by the budget, and a record says where: inside it, after
+    // at least one batch (an epoch the budget left no batch of is not recorded at all).
+    let (last, whole) = epochs.split_last().unwrap();
+    assert!(whole.iter().all(|r| r.get("cut_at_batch").is_none()), "{whole:?}");
+    if let Some(cut) = last.get("cut_at_batch") {
+        let (k, n) = (cut[0].as_u64().unwrap(), cut[1].as_u64().unwrap());
+        assert!(0 < k && k < n, "{cut}");
+    }
     // Under a cosine spanning the budget the rate only falls.
     let lrs: Vec<f64> = epochs.iter().map(|r| r["lr"].as_f64().unwrap()).collect();
     assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "{lrs:?}");
@@ -110,7 +118,7 @@ fn a_warm_up_as_long_as_the_run_still_trains_and_a_cosine_run_is_not_stretched_o
     let o = s.run(&["train", "--resume", "run", "--epochs", "3"]);
     assert_one_line_error(&o, &["train.epochs cannot change under train.schedule = \"cosine\""]);
     let o = s.run(&["train", "--resume", "run"]);
-    assert_one_line_error(&o, &["its cosine schedule spanned them, so it cannot be trained further"]);
+    assert_one_line_error(&o, &["its cosine schedule spanned the run, so it cannot be trained further"]);
 }
 
 #[test]
