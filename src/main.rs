@@ -215,6 +215,22 @@ struct GenerateArgs {
     device: DeviceChoice,
 }
 
+/// Keeps freed memory for reuse instead of handing it back to the system. On the CPU every
+/// step allocates and frees the same large buffers (the logits, their gradient, the weights'
+/// gradients: megabytes each); glibc's malloc serves blocks that size with fresh `mmap`s and
+/// unmaps them on free, so each step page-faults and zeroes them anew (measured: ~118 million
+/// page faults and 6 % of the CPU time in the kernel in an hour of configs/cpu-hour.toml).
+/// Blocks up to 32 MiB (glibc's ceiling for this) then come from the heap, which is not
+/// trimmed. Only the process's own allocator settings change.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
     // Output piped into `head` and the like: end quietly when the reader goes away, as
     // command-line tools do, rather than panic on a broken pipe.
@@ -222,6 +238,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Usage errors as one line, like every other error (the first paragraph of clap's

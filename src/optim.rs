@@ -75,16 +75,18 @@ impl Optimizer {
     pub fn step(&self, params: &[Tensor], grads: &[Tensor], clip: Option<&Tensor>, lr: &Tensor) {
         match self {
             Optimizer::Sgd { weight_decay } => {
+                // −lr·clip as one device scalar: each update is then one fused pass,
+                // p += g · (−lr·clip), with no gradient-sized temporary.
                 let step = match clip {
-                    Some(c) => c * lr,
-                    None => lr.shallow_clone(),
+                    Some(c) => -(c * lr),
+                    None => -lr,
                 };
                 for (p, g) in params.iter().zip(grads) {
                     let mut p = p.shallow_clone();
                     if *weight_decay > 0.0 {
                         let _ = p.g_sub_(&(&p * (lr * *weight_decay)));
                     }
-                    let _ = p.g_sub_(&(g * &step));
+                    let _ = p.addcmul_(g, &step);
                 }
             }
             Optimizer::Adam(a) => a.step(params, grads, clip, lr),
