@@ -92,6 +92,7 @@ fn main() -> Result<()> {
             x_desc: "t",
             y_desc: "value",
             integer_x: false,
+            log_y: false,
         },
         &[
             Series { name: "noisy input", points: to_points(&noisy_tail), markers: false },

@@ -27,6 +27,8 @@ pub struct Chart<'a> {
     pub y_desc: &'a str,
     /// Label the x axis with whole numbers only (epochs).
     pub integer_x: bool,
+    /// y on a log scale (points that are not positive are left out).
+    pub log_y: bool,
 }
 
 fn register_font() {
@@ -44,7 +46,8 @@ pub fn line_chart_png(path: &Path, chart: &Chart, series: &[Series]) -> Result<(
         std::fs::create_dir_all(dir).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
     }
     let tmp = path.with_extension("partial.png");
-    draw(&tmp, chart, series).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
+    let drawn = if chart.log_y { draw_log_y(&tmp, chart, series) } else { draw(&tmp, chart, series) };
+    drawn.map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
@@ -53,7 +56,7 @@ pub fn perplexity_png(records: &[EpochRecord], path: &Path, title: &str) -> Resu
     let points = |f: fn(&EpochRecord) -> f64| records.iter().map(|r| (r.epoch as f64, f(r))).collect();
     line_chart_png(
         path,
-        &Chart { title, x_desc: "epoch", y_desc: "perplexity", integer_x: true },
+        &Chart { title, x_desc: "epoch", y_desc: "perplexity", integer_x: true, log_y: false },
         &[
             Series { name: "train", points: points(|r| r.train_ppl), markers: true },
             Series { name: "valid", points: points(|r| r.valid_ppl), markers: true },
@@ -63,8 +66,7 @@ pub fn perplexity_png(records: &[EpochRecord], path: &Path, title: &str) -> Resu
 
 /// The gradient's norm through time (`train.log_grad_norm`): ‖dL/dh_t‖ against the steps it
 /// travelled back, y on a log scale, for the first, the middle and the last epoch that
-/// measured it. Written through a temporary file, as [`line_chart_png`]'s; an error when no
-/// epoch measured it.
+/// measured it; an error when no epoch measured it.
 pub fn grad_norm_png(records: &[EpochRecord], path: &Path, title: &str) -> Result<()> {
     let measured: Vec<(usize, &Vec<f64>)> =
         records.iter().filter_map(|r| r.grad_norm_through_time.as_ref().map(|n| (r.epoch, n))).collect();
@@ -83,14 +85,9 @@ pub fn grad_norm_png(records: &[EpochRecord], path: &Path, title: &str) -> Resul
             markers: false,
         })
         .collect();
-    register_font();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
-    }
-    let tmp = path.with_extension("partial.png");
-    let chart = Chart { title, x_desc: "steps back in time (T - t)", y_desc: "norm of dL/dh_t", integer_x: true };
-    draw_log_y(&tmp, &chart, &series).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
+    let chart =
+        Chart { title, x_desc: "steps back in time (T - t)", y_desc: "norm of dL/dh_t", integer_x: true, log_y: true };
+    line_chart_png(path, &chart, &series)
 }
 
 /// As [`draw`], with y on a log scale; points that are not finite and positive are left out.
