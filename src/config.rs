@@ -796,6 +796,20 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_config_reads_and_passes_its_checks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut read = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+                read += 1;
+            }
+        }
+        assert!(read >= 9, "only {read} configs in {}", dir.display());
+    }
+
+    #[test]
     fn defaults_follow_the_book() {
         let c = Config::parse(MIN, &[]).unwrap();
         assert_eq!(c.model.vocab_size, None, "taken from the corpus");
