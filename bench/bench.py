@@ -6,11 +6,13 @@ with the PyTorch reference, then prints a Markdown table: train tokens/s, second
 eval tokens/s, peak GPU memory (allocator), peak RSS, validation perplexity, and the ratio
 to PyTorch. The first epoch of every run includes warm-up; the table reports the last one.
 
-usage: bench/bench.py [--config FILE ...] [--epochs 2] [--bin target/release/ptb-lm]
+usage: bench/bench.py [--config FILE ...] [--epochs N] [--bin target/release/ptb-lm]
        bench/bench.py --ranks [--config configs/rnnlm.toml]   (1 process vs 2 Gloo ranks, CPU)
 Default configs: configs/better.toml (every speed path) and configs/best.toml (the
 regularised recipe: as configured and without the CUDA graph, against the same recipe in
-PyTorch) on a GPU; configs/rnnlm.toml on CPU. One table per config.
+PyTorch) on a GPU, 2 epochs; configs/rnnlm.toml (words: the 100x10,000 decoder is the
+cost) and configs/shakespeare-char.toml (characters: the LSTM is) on a CPU, 1 epoch. One
+table per config.
 """
 import argparse
 import json
@@ -45,15 +47,17 @@ def run_reference(config, epochs, device, data_dir):
 
 
 def valid_tokens(config, data_dir):
+    """The validation tokens both programs score: the split's tokens (words or characters,
+    and a line end each), capped at data.valid_tokens, in whole batches of bptt steps."""
     import tomllib
+    sys.path.insert(0, HERE)
+    from reference import read_texts, tokens
     with open(config, "rb") as f:
         cfg = tomllib.load(f)
-    d = data_dir or cfg.get("data", {}).get("dir", "data/ptb")
-    n = 0
-    with open(os.path.join(d, "ptb.valid.txt")) as f:
-        for line in f:
-            n += len(line.split()) + 1
-    cap = cfg.get("data", {}).get("valid_tokens")
+    d = cfg.get("data", {})
+    text = read_texts(d, data_dir or d.get("dir", "data/ptb"))[1]
+    n = len(tokens(text, d.get("tokenizer", "word")))
+    cap = d.get("valid_tokens")
     n = min(n, cap) if cap else n
     t = cfg["train"]
     eb, bptt = t.get("eval_batch_size", 10), t.get("bptt", 35)
@@ -120,11 +124,20 @@ def bench_ranks(a):
             print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['seconds']:.1f} | {r['valid_ppl']:.2f} |")
 
 
+def cpu_name():
+    """The processor's model name, as /proc/cpuinfo gives it ("CPU" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return "CPU"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", action="store_true", help="1 process vs 2 Gloo ranks on the CPU")
     ap.add_argument("--config", action="append")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, help="epochs per run (2 on a GPU, 1 on the CPU)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "ptb-lm"))
     ap.add_argument("--data-dir")
     ap.add_argument("--device", default="auto")
@@ -134,9 +147,10 @@ def main():
     import torch
     cuda = torch.cuda.is_available() and a.device != "cpu"
     device = "cuda" if cuda else "cpu"
-    defaults = ["better.toml", "best.toml"] if cuda else ["rnnlm.toml"]
+    defaults = ["better.toml", "best.toml"] if cuda else ["rnnlm.toml", "shakespeare-char.toml"]
+    a.epochs = a.epochs or (2 if cuda else 1)
     configs = a.config or [os.path.join(ROOT, "configs", c) for c in defaults]
-    machine = torch.cuda.get_device_name(0) if cuda else f"CPU, {os.cpu_count()} cores"
+    machine = torch.cuda.get_device_name(0) if cuda else f"{cpu_name()}, {os.cpu_count()} cores"
     for config in configs:
         bench(a, config, cuda, device, machine)
 

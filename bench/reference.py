@@ -4,7 +4,8 @@
 Same data handling (vocabulary by first appearance, <eos> per line, the book's offset
 batching), same model (embedding -> dropout -> LSTM layers with dropout between -> dropout ->
 tied decoder; the book's or PyTorch's initialisation), same SGD + global-norm clipping and
-lr/4 rule. Written the way a plain PyTorch training loop is usually written (cuDNN LSTM,
+lr/4 rule (or AdamW with a warm-up and cosine, and characters as tokens, for the character
+configs). Written the way a plain PyTorch training loop is usually written (cuDNN LSTM,
 loss.item() each step, clip_grad_norm_, torch.optim.SGD).
 
 The regularised recipe of configs/best.toml is followed too, the way AWD-LSTM's code
@@ -29,17 +30,56 @@ import torch
 import torch.nn as nn
 
 
-def load_split(path, vocab=None):
-    words = []
-    with open(path) as f:
-        for line in f:
-            words.extend(line.split())
-            words.append("<eos>")
+def tokens(text, tokenizer):
+    """The tokens of a text as ptb-lm's word and char tokenizers read it: a line's words (or
+    every character of it, the space too), then <eos> for its end."""
+    out = []
+    for line in text.splitlines():
+        out.extend(line.split() if tokenizer == "word" else line)
+        out.append("<eos>")
+    return out
+
+
+def load_split(text, tokenizer, vocab=None):
+    toks = tokens(text, tokenizer)
     if vocab is None:
         vocab = {}
-        for w in words:
+        for w in toks:
             vocab.setdefault(w, len(vocab))
-    return [vocab[w] for w in words], vocab
+    unk = vocab.get("<unk>", 0)
+    return [vocab.get(w, unk) for w in toks], vocab
+
+
+def read_texts(d, data_dir):
+    """Train, valid and test text: `ptb.{split}.txt` in the data directory, or `data.file`
+    cut at `data.split`'s character fractions (nanoGPT's cut; no test text with two parts)."""
+    if d.get("file"):
+        with open(d["file"]) as f:
+            text = f.read()
+        cuts, at = [], 0
+        for frac in d["split"]:
+            cuts.append(text[at : at + int(len(text) * frac)])
+            at += len(cuts[-1])
+        return cuts + [""] * (3 - len(cuts))
+    texts = []
+    for split in ("train", "valid", "test"):
+        with open(os.path.join(data_dir, f"ptb.{split}.txt")) as f:
+            texts.append(f.read())
+    return texts
+
+
+def lr_at(t, step, steps):
+    """The config's lr at a step: constant (the plateau rule acts per epoch), or warm-up then
+    cosine down to train.min_lr over the run's steps (ptb-lm spans it over its time budget)."""
+    lr = t["lr"]
+    if t.get("schedule", "plateau") != "cosine":
+        return lr
+    warm = t.get("warmup_steps", 0)
+    if step < warm:
+        return lr * (step + 1) / warm
+    low = t.get("min_lr", 0.0)
+    frac = min(1.0, (step - warm) / max(1, steps - warm))
+    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def streams(ids, batch, bptt, device):
@@ -157,10 +197,16 @@ def main():
     epochs = a.epochs or t["epochs"]
     device = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) or a.device == "cuda" else "cpu")
     torch.manual_seed(t.get("seed", 1))
-    train_ids, vocab = load_split(os.path.join(data_dir, "ptb.train.txt"))
+    tokenizer = d.get("tokenizer", "word")
+    if tokenizer not in ("word", "char"):
+        sys.exit(f"{a.config}: data.tokenizer = {tokenizer!r} has no reference here; use word or char")
+    train_text, valid_text, test_text = read_texts(d, data_dir)
+    train_ids, vocab = load_split(train_text, tokenizer)
+    if tokenizer == "char":
+        vocab.setdefault("<unk>", len(vocab))
     m.setdefault("vocab_size", len(vocab))
-    valid_ids, _ = load_split(os.path.join(data_dir, "ptb.valid.txt"), vocab)
-    test_ids, _ = load_split(os.path.join(data_dir, "ptb.test.txt"), vocab)
+    valid_ids, _ = load_split(valid_text, tokenizer, vocab)
+    test_ids, _ = load_split(test_text, tokenizer, vocab)
     cap = lambda ids, key: ids[: d[key]] if d.get(key) else ids
     train_ids, valid_ids, test_ids = cap(train_ids, "train_tokens"), cap(valid_ids, "valid_tokens"), cap(test_ids, "test_tokens")
     B, T, EB = t.get("batch_size", 20), t.get("bptt", 35), t.get("eval_batch_size", 10)
@@ -170,7 +216,13 @@ def main():
     crit = nn.CrossEntropyLoss()
     lr, best = t["lr"], float("inf")
     wdecay = t.get("weight_decay", 0.0)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wdecay)
+    adam = t.get("optimizer", "sgd") == "adam"
+    if adam:  # AdamW: decoupled weight decay (Loshchilov & Hutter 2019), as ptb-lm's adam
+        betas = (t.get("adam_beta1", 0.9), t.get("adam_beta2", 0.999))
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=t.get("adam_eps", 1e-8), weight_decay=wdecay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wdecay)
+    step, steps = 0, epochs * tnb
     max_grad = t.get("max_grad", 0.0)
     alpha, beta = t.get("ar_alpha", 0.0), t.get("tar_beta", 0.0)
     asgd, nonmono, history = t.get("asgd", False), t.get("asgd_nonmono", 5), []
@@ -190,6 +242,11 @@ def main():
             if beta > 0:
                 raw = model.last_raw
                 total_loss = total_loss + beta * (raw[1:] - raw[:-1]).pow(2).mean()
+            if t.get("schedule", "plateau") == "cosine":
+                lr = lr_at(t, step, steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            step += 1
             opt.zero_grad()
             total_loss.backward()
             if max_grad > 0:
@@ -233,7 +290,7 @@ def main():
         history.append(valid)
         if start_asgd:
             opt = torch.optim.ASGD(model.parameters(), lr=lr, t0=0, lambd=0.0, weight_decay=wdecay)
-        elif not improved and not averaging:
+        elif not improved and not averaging and t.get("schedule", "plateau") == "plateau":
             lr /= t.get("lr_decay", 4.0)
             for g in opt.param_groups:
                 g["lr"] = lr
