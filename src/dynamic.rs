@@ -102,8 +102,9 @@ pub struct StatsKey {
     pub recipe: StatsRecipe,
     /// SHA-256 of the weights they were computed with ([`weights_digest`]).
     pub weights_sha256: String,
-    /// SHA-256 of the training text they were computed on (the corpus file that holds the
-    /// training split, as the checkpoint records it; else of the split's token ids).
+    /// SHA-256 of the training tokens they were computed on: of the corpus file that holds
+    /// the training split as the checkpoint records it, together with how the split is cut
+    /// and read from it and the tokenizer ([`train_digest`]); else of the split's token ids.
     pub train_sha256: String,
 }
 
@@ -125,6 +126,30 @@ pub fn weights_digest(model: &LstmLm) -> String {
             }
         }
     });
+    crate::data::hex(&h.finalize())
+}
+
+/// SHA-256 of a training split known by its file's digest (`file_sha256`), the data settings
+/// that choose and read the split from that file (paths left out: a file moved elsewhere is
+/// the same text) and the tokenizer (its vocabulary and files): whatever changes the training ids changes this.
+pub fn train_digest(file_sha256: &str, data: &crate::config::DataConfig, tokenizer: &crate::text::Tokenizer) -> String {
+    let mut settings = data.clone();
+    (settings.dir, settings.file, settings.train, settings.valid, settings.test) = (None, None, None, None, None);
+    let mut h = Sha256::new();
+    h.update(file_sha256.as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(&settings).unwrap_or_default());
+    for word in tokenizer.vocab().words() {
+        h.update([0]);
+        h.update(word.as_bytes());
+    }
+    for (name, bytes) in tokenizer.files() {
+        h.update([0]);
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
     crate::data::hex(&h.finalize())
 }
 

@@ -340,7 +340,7 @@ fn run_dynamic(
     // saved statistics need no corpus at all.
     let mut train = None;
     let train_sha256 = match recorded.and_then(|r| r.file_of(Split::Train)) {
-        Some(f) => f.sha256.clone(),
+        Some(f) => dynamic::train_digest(&f.sha256, data, tokenizer),
         None => {
             let ids = read_train()?;
             let digest = dynamic::ids_digest(&ids);

@@ -245,3 +245,27 @@ fn training_with_dynamic_eval_reports_what_eval_dynamic_prints_and_keeps_its_sta
     let printed: f64 = rest.split(|c: char| c == ';' || c.is_whitespace()).next().unwrap().parse().unwrap();
     assert!((printed - dynamic).abs() <= 0.5e-4 * printed.max(1.0), "eval {printed} vs summary {dynamic}");
 }
+
+#[test]
+fn the_statistics_key_names_the_split_and_tokenizer_not_where_the_file_lies() {
+    use ptb_lm::config::DataConfig;
+    use ptb_lm::dynamic::train_digest;
+    use ptb_lm::text::{Tokenizer, Vocab};
+    let chars = |s: &[&str]| Tokenizer::Char(Vocab::from_words(s.iter().map(|w| w.to_string()).collect()).unwrap());
+    let tok = chars(&["<unk>", "<eos>", "a", "b"]);
+    let data = DataConfig { file: Some("one/input.txt".into()), split: Some(vec![0.9, 0.1]), ..DataConfig::default() };
+    let base = train_digest("f00d", &data, &tok);
+    let moved = DataConfig { file: Some("/elsewhere/input.txt".into()), ..data.clone() };
+    assert_eq!(train_digest("f00d", &moved, &tok), base, "the same file elsewhere is the same text");
+    let recut = DataConfig { split: Some(vec![0.8, 0.2]), ..data.clone() };
+    let capped = DataConfig { train_tokens: Some(1000), ..data.clone() };
+    let other_vocab = chars(&["<unk>", "<eos>", "b", "a"]);
+    for (what, digest) in [
+        ("another file", train_digest("beef", &data, &tok)),
+        ("another cut", train_digest("f00d", &recut, &tok)),
+        ("a token cap", train_digest("f00d", &capped, &tok)),
+        ("another vocabulary", train_digest("f00d", &data, &other_vocab)),
+    ] {
+        assert_ne!(digest, base, "{what} must change the key");
+    }
+}
