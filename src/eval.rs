@@ -148,6 +148,9 @@ pub struct DynamicOptions {
     pub search_tokens: usize,
     /// Gradient statistics from at most this many training batches (None: the whole split).
     pub stats_batches: Option<usize>,
+    /// Leave out the progress notes on stderr (statistics collected, and in how long; saved
+    /// ones not used, and why); warnings are printed all the same.
+    pub quiet: bool,
 }
 
 /// The statistics' batch size over the training split (the reference code's).
@@ -356,7 +359,7 @@ fn run_dynamic(
     let stats = match dynamic::GradStats::load(&ckpt.dir, &key, model) {
         dynamic::Saved::Found(s) => s,
         saved => {
-            if let dynamic::Saved::Stale(why) = saved {
+            if let (dynamic::Saved::Stale(why), false) = (saved, opts.quiet) {
                 eprintln!("note: the gradient statistics saved in {} are not used: {why}", ckpt.dir.display());
             }
             let train = match train {
@@ -366,11 +369,13 @@ fn run_dynamic(
             let t = Instant::now();
             let s = dynamic::GradStats::collect(model, &train, key)
                 .with_context(|| format!("--dyn-bptt {}", settings.bptt))?;
-            eprintln!(
-                "note: gradient statistics over {} training batches in {:.1} s",
-                s.batches,
-                t.elapsed().as_secs_f64()
-            );
+            if !opts.quiet {
+                eprintln!(
+                    "note: gradient statistics over {} training batches in {:.1} s",
+                    s.batches,
+                    t.elapsed().as_secs_f64()
+                );
+            }
             if let Err(e) = s.save(&ckpt.dir) {
                 eprintln!("warning: {e:#} (the statistics are not kept for the next run)");
             }

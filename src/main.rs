@@ -324,11 +324,16 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let _ = match outcome {
         train::Outcome::Finished(s) if args.quiet => writeln!(
             std::io::stdout(),
-            "{} perplexity: {:.4} | bits per character: {:.4}{}",
+            "{} perplexity: {:.4} | bits per character: {:.4}{}{}",
             s.final_split,
             s.final_ppl,
             s.final_bpc,
-            if s.final_split == ptb_lm::data::Split::Test { "" } else { " (no test split)" }
+            if s.final_split == ptb_lm::data::Split::Test { "" } else { " (no test split)" },
+            match (s.test_ppl_dynamic, s.test_bpc_dynamic) {
+                (Some(ppl), Some(bpc)) =>
+                    format!(" | dynamic evaluation: perplexity {ppl:.4}, bits per character {bpc:.4}"),
+                _ => String::new(),
+            }
         ),
         train::Outcome::Finished(_) | train::Outcome::Worker => Ok(()),
         train::Outcome::Stopped(p) => writeln!(std::io::stdout(), "{p}"),
@@ -351,6 +356,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         search: args.dynamic_search,
         search_tokens: args.dyn_search_tokens as usize,
         stats_batches: args.dyn_stats_batches.map(|n| n as usize),
+        quiet: false,
     });
     let place = eval::CorpusPlace { dir: args.data_dir, file: args.data_file };
     let r = eval::run(&args.checkpoint, &target, &place, args.device, args.batch_size, dynamic.as_ref())?;

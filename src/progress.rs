@@ -55,6 +55,11 @@ impl Reporter {
         }
     }
 
+    /// Whether this reporter leaves out all but warnings (--quiet, or a rank that does not lead).
+    pub fn is_quiet(&self) -> bool {
+        self.quiet
+    }
+
     /// A result line on stdout (suppressed by --quiet).
     pub fn line(&self, msg: &str) {
         if self.quiet || self.closed.get() {

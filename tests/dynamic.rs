@@ -230,10 +230,31 @@ fn training_with_dynamic_eval_reports_what_eval_dynamic_prints_and_keeps_its_sta
     let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]);
     assert_success(&o);
     assert!(stdout(&o).contains("with dynamic: lr"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("note: gradient statistics over"), "{}", stderr(&o));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
     let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
     assert!(dynamic.is_finite() && fixed.is_finite());
+    // --quiet: no notes, and the one result line carries the dynamic figure beside the static.
+    let o = s.run(&[
+        "--threads",
+        "1",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--quiet",
+        "--overwrite",
+    ]);
+    assert_success(&o);
+    assert!(!stderr(&o).contains("note:"), "{}", stderr(&o));
+    let line = stdout(&o);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(
+        line.contains(&format!("perplexity: {fixed:.4}")) && line.contains(&format!("perplexity {dynamic:.4}")),
+        "{line}"
+    );
     assert!(summary["test_bpc_dynamic"].as_f64().unwrap() > 0.0);
     // The same statistics (kept in best/, not recomputed), weights and thread count: eval
     // prints the same number, to its 4 decimals.

@@ -219,6 +219,7 @@ impl Session {
             search: false,
             search_tokens: 0,
             stats_batches: None,
+            quiet: self.reporter.is_quiet(),
         };
         let target = eval::Target::Split(Split::Test);
         eval::run(&self.run.best(), &target, &eval::CorpusPlace::default(), self.cfg.run.device, None, Some(&opts))

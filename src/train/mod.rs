@@ -205,11 +205,6 @@ impl Session {
         self.splits.train.tokens_per_batch() as f64 * self.replicas.world() as f64
     }
 
-    /// What every rank agrees on at a check (see [`Replicas::agree`]).
-    fn agree(&self, loss_sum: f64, stopping: bool, fraction: f64) -> Result<(f64, bool, f64)> {
-        self.replicas.agree(loss_sum, stopping, fraction)
-    }
-
     /// Whether another epoch is to be trained: not past `train.epochs`, nor the time budget.
     fn more_epochs(&self) -> bool {
         self.pos.epoch < self.cfg.train.epochs && !self.pos.budget_spent
@@ -282,7 +277,7 @@ impl Session {
                 }
                 self.end_epoch()?;
                 // Every rank stops after the same epoch, wherever the signal found each.
-                let (_, stopping, _) = self.agree(0.0, self.stopping(stop), 0.0)?;
+                let (_, stopping, _) = self.replicas.agree(0.0, self.stopping(stop), 0.0)?;
                 if stopping && self.more_epochs() {
                     return Err(self.interrupted(false).into());
                 }
@@ -351,7 +346,7 @@ impl Session {
                 0.0
             };
             let fraction = self.budget_fraction(elapsed, speed);
-            let (sum, stopping, fraction) = self.agree(self.step.loss_sum(), stopping, fraction)?;
+            let (sum, stopping, fraction) = self.replicas.agree(self.step.loss_sum(), stopping, fraction)?;
             self.time_fraction = fraction;
             let mean = (sum - sound.loss_sum) / (counted - sound.counted).max(1) as f64;
             if diverged(mean, self.vocab_size()) || !self.step.weights_finite() {
