@@ -153,6 +153,37 @@ impl Reserve {
 /// Seconds of training a process measures before its speed estimates count.
 pub const MIN_MEASURED_S: f64 = 5.0;
 
+/// The training speed a process has measured, for the time budget's reserve: the current
+/// epoch's own once it has trained [`MIN_MEASURED_S`], else that of all the training this
+/// process has done (earlier epochs and this one's start together), so that epochs shorter
+/// than that still come to a known speed; unknown (0) before [`MIN_MEASURED_S`] in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpeedMeter {
+    /// Seconds and tokens of the epochs this process finished training.
+    seconds: f64,
+    tokens: f64,
+}
+
+impl SpeedMeter {
+    /// Tokens/s, `seconds` and `tokens` into the current epoch's training (0: not known yet).
+    pub fn speed(&self, seconds: f64, tokens: f64) -> f64 {
+        let (all_seconds, all_tokens) = (self.seconds + seconds, self.tokens + tokens);
+        if seconds >= MIN_MEASURED_S {
+            tokens / seconds
+        } else if all_seconds >= MIN_MEASURED_S {
+            all_tokens / all_seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// An epoch's training (or the part this process ran) is over.
+    pub fn add(&mut self, seconds: f64, tokens: f64) {
+        self.seconds += seconds;
+        self.tokens += tokens;
+    }
+}
+
 impl TimeBudget {
     pub fn of(t: &TrainConfig) -> Option<TimeBudget> {
         t.max_minutes.map(|m| TimeBudget { seconds: m * 60.0 })
@@ -178,6 +209,19 @@ impl TimeBudget {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn epochs_shorter_than_the_warm_up_still_come_to_a_known_speed() {
+        let mut m = SpeedMeter::default();
+        assert_eq!(m.speed(1.0, 1000.0), 0.0, "unknown before 5 s in all");
+        for _ in 0..4 {
+            m.add(1.0, 1000.0);
+        }
+        // Four 1-second epochs and one second into the fifth: 5 s measured, 1000 tokens/s.
+        assert_eq!(m.speed(1.0, 1000.0), 1000.0);
+        // A long epoch counts its own speed alone once it has 5 s (warm-up left behind).
+        assert_eq!(m.speed(5.0, 10_000.0), 2000.0);
+    }
 
     /// configs/rnnlm.toml (lr 20, lr_decay 4) with `overrides` such as "train.min_lr=2".
     fn train_config(overrides: &[&str]) -> TrainConfig {

@@ -34,7 +34,7 @@ use crate::plot;
 use crate::progress::Reporter;
 use crate::replicas::Replicas;
 use crate::run::RunDir;
-use crate::schedule::{LrSchedule, Progress, Reserve, TimeBudget};
+use crate::schedule::{LrSchedule, Progress, Reserve, SpeedMeter, TimeBudget};
 use crate::step::TrainStep;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -51,7 +51,7 @@ mod report;
 mod setup;
 
 use finish::*;
-pub use finish::{Interrupted, Summary};
+pub use finish::{GroupError, Interrupted, Summary};
 use guard::*;
 pub use guard::{diverged, divergence_limit};
 pub use report::{human_duration, Projection};
@@ -131,6 +131,11 @@ struct Session {
     time_fraction: f64,
     /// Seconds of the last validation (what the time budget estimates evaluations from).
     last_valid_seconds: Option<f64>,
+    /// The training speed this process measured (what the budget estimates the dynamic
+    /// evaluation from).
+    speed: SpeedMeter,
+    /// Whether the budget's warning that it cannot hold the evaluations was given.
+    budget_warned: bool,
 }
 
 impl Session {
@@ -193,6 +198,8 @@ impl Session {
             lr_now,
             time_fraction: 0.0,
             last_valid_seconds,
+            speed: SpeedMeter::default(),
+            budget_warned: false,
         })
     }
 
@@ -231,6 +238,23 @@ impl Session {
     /// epoch's training (0 without a budget).
     fn budget_fraction(&self, epoch_seconds: f64, train_speed: f64) -> f64 {
         self.budget.map_or(0.0, |b| b.fraction(self.pos.run_seconds + epoch_seconds, &self.reserve(train_speed)))
+    }
+
+    /// Says once when the evaluations after training alone are estimated to take more than
+    /// the whole time budget: training then ends at once and the run overruns the budget.
+    fn warn_if_budget_cannot_hold(&mut self, train_speed: f64) {
+        let Some(b) = self.budget.filter(|_| !self.budget_warned && self.leads()) else { return };
+        let reserve = self.reserve(train_speed).seconds();
+        if reserve > b.seconds {
+            self.budget_warned = true;
+            self.reporter.warn(&format!(
+                "train.max_minutes = {}: the evaluations after training alone are estimated to take {:.0} s, \
+                 more than the budget; training ends now and the run will overrun it (raise train.max_minutes{})",
+                b.seconds / 60.0,
+                reserve,
+                if self.cfg.train.dynamic_eval { " or set train.dynamic_eval = false" } else { "" }
+            ));
+        }
     }
 
     /// Where the step of batch `k` stands in the run, for the learning-rate schedule: its
@@ -322,7 +346,8 @@ impl Session {
         let mut last_report = (sound, 0.0f64);
         let mut k = self.pos.batch;
         let start = counted;
-        self.time_fraction = self.replicas.leaders_value(self.budget_fraction(self.pos.seconds, 0.0))?;
+        self.time_fraction =
+            self.replicas.leaders_value(self.budget_fraction(self.pos.seconds, self.speed.speed(0.0, 0.0)))?;
         while k < n && self.time_fraction < 1.0 {
             self.run_step(k)?;
             counted += 1;
@@ -339,13 +364,10 @@ impl Session {
             last_check = Instant::now();
             let elapsed = self.pos.seconds + t0.elapsed().as_secs_f64();
             // No speed is trusted from the first seconds of a process (see TimeBudget).
-            let measured = t0.elapsed().as_secs_f64();
-            let speed = if measured >= crate::schedule::MIN_MEASURED_S {
-                (counted - start) as f64 * self.tokens_per_batch() / measured
-            } else {
-                0.0
-            };
+            let speed =
+                self.speed.speed(t0.elapsed().as_secs_f64(), (counted - start) as f64 * self.tokens_per_batch());
             let fraction = self.budget_fraction(elapsed, speed);
+            self.warn_if_budget_cannot_hold(speed);
             let (sum, stopping, fraction) = self.replicas.agree(self.step.loss_sum(), stopping, fraction)?;
             self.time_fraction = fraction;
             let mean = (sum - sound.loss_sum) / (counted - sound.counted).max(1) as f64;
@@ -371,6 +393,7 @@ impl Session {
         // Every exit from the loop is at a sound check (or before the first step).
         debug_assert_eq!(k, sound.batch);
         self.settle(sound);
+        self.speed.add(t0.elapsed().as_secs_f64(), (counted - start) as f64 * self.tokens_per_batch());
         self.pos.seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
