@@ -267,7 +267,10 @@ fn main() -> ExitCode {
             ExitCode::from(interrupt::EXIT_CODE as u8)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Data-parallel ranks reach some errors together: rank 0 says those for the group.
+            if !e.is::<train::GroupError>() || std::env::var("RANK").map_or(true, |r| r == "0") {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -227,3 +227,24 @@ fn a_second_signal_to_the_launcher_ends_every_rank_at_once() {
     assert!(!s.path("run/last").exists(), "rank 0 was ended in its save, not let finish it");
     ptb_lm::checkpoint::Checkpoint::load(&s.path("run/best")).unwrap();
 }
+
+#[test]
+fn a_data_parallel_run_that_diverges_says_so_once_not_once_per_rank() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "max_nan_restarts = 2");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("lr = 20.0", "lr = 1e6")
+        .replace("max_grad = 0.25", "max_grad = 0.0");
+    std::fs::write(&cfg, text).unwrap();
+    let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--nproc", "2"]);
+    if !ptb_lm::dist::available() {
+        assert_one_line_error(&o, &["--nproc", "libgloo-dev"]);
+        return;
+    }
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.matches("error: training diverged").count(), 1, "{err}");
+    assert_eq!(err.matches("warning: training diverged").count(), 2, "one per restart: {err}");
+    assert!(s.path("run/last").exists(), "the last sound state is kept: {err}");
+}

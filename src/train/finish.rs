@@ -20,6 +20,19 @@ pub struct Interrupted {
     pub final_split: Split,
 }
 
+/// An error every rank of data-parallel training reaches together, having agreed on what led
+/// to it (a diverged run out of restarts): the first rank says it for the group.
+#[derive(Debug)]
+pub struct GroupError(pub String);
+
+impl std::fmt::Display for GroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GroupError {}
+
 /// What a run stopped after its last epoch keeps, and how to finish it.
 pub(super) fn left_to_test(run_dir: &Path, split: Split) -> String {
     let run = run_dir.display();

@@ -76,7 +76,7 @@ impl Session {
         let (epoch, max) = (self.pos.epoch + 1, self.cfg.train.max_nan_restarts);
         if self.pos.nan_restarts > max {
             self.save_sound_state(sound, elapsed)?;
-            bail!(
+            return Err(GroupError(format!(
                 "training diverged in epoch {epoch}, batch {} ({what}), {} times (train.max_nan_restarts = {max}); \
                  the last sound weights, with lr lowered to {}, are in {}: continue with `ptb-lm train --resume {} \
                  --set train.max_nan_restarts={}`, or start again with a smaller train.lr or train.max_grad",
@@ -86,7 +86,12 @@ impl Session {
                 self.run.last().display(),
                 self.run.root.display(),
                 self.pos.nan_restarts + max.max(1),
-            );
+            ))
+            .into());
+        }
+        // Every rank went back together: the first says it for the group.
+        if !self.leads() {
+            return Ok(());
         }
         self.reporter.warn(&format!(
             "training diverged in epoch {epoch}, batch {} ({what}): went back to batch {} of the last sound check \
