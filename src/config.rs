@@ -612,6 +612,8 @@ impl Config {
             );
         }
         if let Some(m) = t.max_minutes.filter(|m| !(m.is_finite() && *m > 0.0 && *m <= 525_600.0)) {
+            // Huge values in exponent form (1e308, not 309 digits).
+            let m = if m.abs() >= 1e7 { format!("{m:e}") } else { m.to_string() };
             bail!(
                 "train.max_minutes must be a positive number of minutes, at most 525600 (a year; got {m}); leave it \
                  out for no time limit"
@@ -848,6 +850,14 @@ mod tests {
             }
             let err = Config::parse(MIN, &o).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_time_budget_out_of_range_is_named_and_quoted_short() {
+        for (set, shown) in [("1e308", "got 1e308)"), ("-2", "got -2)"), ("0", "got 0)")] {
+            let err = Config::parse(MIN, &[format!("train.max_minutes={set}")]).unwrap_err().to_string();
+            assert!(err.contains("train.max_minutes") && err.contains(shown) && err.len() < 200, "{set}: {err}");
         }
     }
 
