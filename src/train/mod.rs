@@ -471,6 +471,12 @@ impl Session {
         self.settle(Sound::EPOCH_START);
         self.pos.seconds = 0.0;
         self.step.reset_state();
+        // The budget may run out in validation: then this epoch was the last (what the next
+        // would find before its first batch), its line and last/ say so.
+        if self.budget.is_some() && !self.pos.budget_spent {
+            let fraction = self.budget_fraction(0.0, self.speed.speed(0.0, 0.0));
+            self.pos.budget_spent = self.replicas.leaders_value(fraction)? >= 1.0;
+        }
         // last/ describes its own weights: the raw ones, which were validated only when they
         // are also the ones in use (not averaging).
         self.save_last((!averaging).then_some(valid_ppl))?;
