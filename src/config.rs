@@ -86,6 +86,13 @@ pub struct DataConfig {
     pub test_tokens: Option<usize>,
 }
 
+impl DataConfig {
+    /// The same settings with no path: how a corpus is read, wherever its files lie.
+    pub fn without_paths(&self) -> DataConfig {
+        DataConfig { dir: None, file: None, train: None, valid: None, test: None, ..self.clone() }
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {

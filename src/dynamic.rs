@@ -133,8 +133,7 @@ pub fn weights_digest(model: &LstmLm) -> String {
 /// that choose and read the split from that file (paths left out: a file moved elsewhere is
 /// the same text) and the tokenizer (its vocabulary and files): whatever changes the training ids changes this.
 pub fn train_digest(file_sha256: &str, data: &crate::config::DataConfig, tokenizer: &crate::text::Tokenizer) -> String {
-    let mut settings = data.clone();
-    (settings.dir, settings.file, settings.train, settings.valid, settings.test) = (None, None, None, None, None);
+    let settings = data.without_paths();
     let mut h = Sha256::new();
     h.update(file_sha256.as_bytes());
     h.update([0]);

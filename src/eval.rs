@@ -180,7 +180,7 @@ pub fn run(
     let device = device::resolve(choice)?;
     let tokenizer = ckpt.tokenizer()?;
     let recorded = ckpt.meta.corpus.as_ref();
-    let elsewhere = DataConfig { dir: None, file: None, train: None, valid: None, test: None, ..cfg.data.clone() };
+    let elsewhere = cfg.data.without_paths();
     let data = match (&place.dir, &place.file) {
         (Some(dir), _) => DataConfig { dir: Some(dir.clone()), ..elsewhere },
         (None, Some(file)) => DataConfig { file: Some(file.clone()), ..elsewhere },

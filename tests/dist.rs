@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 /// A config whose training is not chaotic (lr 1, no dropout), so float rounding between one
 /// process and two ranks stays at rounding size over whole epochs.
 fn stable(s: &Sandbox) -> String {
-    let cfg = s.config("c.toml", "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("lr = 20.0", "lr = 1.0")
-        .replace("dropout = 0.1", "dropout = 0.0");
+    tiny_with(s, "", &[("lr = 20.0", "lr = 1.0"), ("dropout = 0.1", "dropout = 0.0")])
+}
+
+/// The tiny config with `extra` train keys and some of its lines replaced (`(from, to)`).
+fn tiny_with(s: &Sandbox, extra: &str, replace: &[(&str, &str)]) -> String {
+    let cfg = s.config("c.toml", extra);
+    let text = replace.iter().fold(std::fs::read_to_string(&cfg).unwrap(), |t, (from, to)| t.replace(from, to));
     std::fs::write(&cfg, text).unwrap();
     cfg.to_str().unwrap().to_string()
 }
@@ -231,13 +233,9 @@ fn a_second_signal_to_the_launcher_ends_every_rank_at_once() {
 #[test]
 fn a_data_parallel_run_that_diverges_says_so_once_not_once_per_rank() {
     let s = Sandbox::new();
-    let cfg = s.config("c.toml", "max_nan_restarts = 2");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("lr = 20.0", "lr = 1e6")
-        .replace("max_grad = 0.25", "max_grad = 0.0");
-    std::fs::write(&cfg, text).unwrap();
-    let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--nproc", "2"]);
+    let cfg =
+        tiny_with(&s, "max_nan_restarts = 2", &[("lr = 20.0", "lr = 1e6"), ("max_grad = 0.25", "max_grad = 0.0")]);
+    let o = s.run(&["--threads", "1", "train", "--config", &cfg, "--nproc", "2"]);
     if !ptb_lm::dist::available() {
         assert_one_line_error(&o, &["--nproc", "libgloo-dev"]);
         return;

@@ -251,6 +251,10 @@ fn training_with_dynamic_eval_reports_what_eval_dynamic_prints_and_keeps_its_sta
     assert!(!stderr(&o).contains("note:"), "{}", stderr(&o));
     let line = stdout(&o);
     assert_eq!(line.lines().count(), 1, "{line}");
+    // The figures of this run's own summary, as printed.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
     assert!(
         line.contains(&format!("perplexity: {fixed:.4}")) && line.contains(&format!("perplexity {dynamic:.4}")),
         "{line}"
