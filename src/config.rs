@@ -362,6 +362,17 @@ pub struct TrainConfig {
     /// et al. 2018; the defaults of `ptb-lm eval --dynamic`), into summary.json.
     #[serde(default, skip_serializing_if = "is_false")]
     pub dynamic_eval: bool,
+    /// With `dynamic_eval`: its learning rate η, decay λ and the training batches its
+    /// gradient statistics read (as `eval --dyn-lr`, `--dyn-decay`, `--dyn-stats-batches`);
+    /// the paper's code's defaults (and the whole training split) where left out. Choose η
+    /// and λ with `ptb-lm eval --dynamic-search` on an earlier run of the same recipe: they
+    /// are chosen on validation, never on the test this run scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_decay: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_stats_batches: Option<u64>,
     /// Once per epoch, after training, measure how the gradient of the loss flows back
     /// through time on one fixed validation batch (‖dL/dh_t‖ for t = T..1; see
     /// [`crate::gradflow`]) into metrics.jsonl and grad_norm.png. Training is unchanged by
@@ -618,6 +629,23 @@ impl Config {
                  score validation with `ptb-lm eval --checkpoint RUN/best --split valid --dynamic` instead"
             );
         }
+        let dynamic_keys = [
+            ("train.dynamic_lr", t.dynamic_lr.is_some()),
+            ("train.dynamic_decay", t.dynamic_decay.is_some()),
+            ("train.dynamic_stats_batches", t.dynamic_stats_batches.is_some()),
+        ];
+        if let Some((key, _)) = dynamic_keys.iter().find(|(_, set)| *set).filter(|_| !t.dynamic_eval) {
+            bail!("{key} sets dynamic evaluation, which this config does not ask for: add train.dynamic_eval = true or leave it out");
+        }
+        if let Some(v) = t.dynamic_lr.filter(|v| !(v.is_finite() && *v > 0.0)) {
+            bail!("train.dynamic_lr must be > 0 (got {v})");
+        }
+        if let Some(v) = t.dynamic_decay.filter(|v| !(v.is_finite() && (0.0..1.0).contains(v))) {
+            bail!("train.dynamic_decay must be in [0, 1) (got {v})");
+        }
+        if t.dynamic_stats_batches == Some(0) {
+            bail!("train.dynamic_stats_batches must be at least 1; leave it out to read the whole training split");
+        }
         if let Some(m) = t.max_minutes.filter(|m| !(m.is_finite() && *m > 0.0 && *m <= 525_600.0)) {
             // Huge values in exponent form (1e308, not 309 digits).
             let m = if m.abs() >= 1e7 { format!("{m:e}") } else { m.to_string() };
@@ -866,6 +894,24 @@ mod tests {
             let err = Config::parse(MIN, &[format!("train.max_minutes={set}")]).unwrap_err().to_string();
             assert!(err.contains("train.max_minutes") && err.contains(shown) && err.len() < 200, "{set}: {err}");
         }
+    }
+
+    #[test]
+    fn dynamic_settings_need_dynamic_evaluation_and_sane_values() {
+        let err = Config::parse(MIN, &["train.dynamic_lr=1e-4".into()]).unwrap_err().to_string();
+        assert!(err.contains("train.dynamic_lr") && err.contains("train.dynamic_eval = true"), "{err}");
+        for (set, key) in [
+            ("train.dynamic_lr=0", "train.dynamic_lr"),
+            ("train.dynamic_lr=-1e-4", "train.dynamic_lr"),
+            ("train.dynamic_decay=1", "train.dynamic_decay"),
+            ("train.dynamic_stats_batches=0", "train.dynamic_stats_batches"),
+        ] {
+            let err = Config::parse(MIN, &["train.dynamic_eval=true".into(), set.into()]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+        let ok = ["train.dynamic_eval=true", "train.dynamic_lr=2e-4", "train.dynamic_decay=0.005"];
+        let cfg = Config::parse(MIN, &ok.map(String::from)).unwrap();
+        assert_eq!((cfg.train.dynamic_lr, cfg.train.dynamic_decay), (Some(2e-4), Some(0.005)));
     }
 
     #[test]

@@ -151,6 +151,50 @@ pub struct DynamicOptions {
     /// Leave out the progress notes on stderr (statistics collected, and in how long; saved
     /// ones not used, and why); warnings are printed all the same.
     pub quiet: bool,
+    /// Run by `train.dynamic_eval`: advice names the config's keys, not eval's flags.
+    pub in_training: bool,
+}
+
+impl DynamicOptions {
+    /// What `train.dynamic_eval` runs: the config's `dynamic_*` settings, else the defaults.
+    pub fn of_training(t: &crate::config::TrainConfig, quiet: bool) -> DynamicOptions {
+        let d = dynamic::Settings::default();
+        DynamicOptions {
+            settings: dynamic::Settings {
+                lr: t.dynamic_lr.unwrap_or(d.lr),
+                decay: t.dynamic_decay.unwrap_or(d.decay),
+                ..d
+            },
+            search: false,
+            search_tokens: 0,
+            stats_batches: t.dynamic_stats_batches.map(|n| n as usize),
+            quiet,
+            in_training: true,
+        }
+    }
+
+    /// "lr 2e-4, decay 0.005, epsilon 2e-5, segments of 5; statistics from 400 training batches".
+    pub fn describe(&self) -> String {
+        let stats = self.stats_batches.map_or("the whole training split".to_string(), |n| {
+            format!("at most {n} training batches of {STATS_BATCH} × {}", self.settings.bptt)
+        });
+        format!("{}; statistics from {stats}", self.settings.describe())
+    }
+
+    /// What a user changes to make the updates smaller, and how else to choose them.
+    fn advice(&self) -> (&'static str, &'static str) {
+        match (self.in_training, self.search) {
+            (true, _) => ("train.dynamic_lr", ", chosen by `ptb-lm eval --checkpoint RUN/best --dynamic-search`"),
+            (false, true) => ("--dyn-lr", ""),
+            (false, false) => ("--dyn-lr", ", or let --dynamic-search choose"),
+        }
+    }
+
+    /// Of a training split of `train_tokens`, how many the gradient statistics read.
+    pub fn stats_tokens(&self, train_tokens: f64) -> f64 {
+        self.stats_batches
+            .map_or(train_tokens, |n| train_tokens.min(n as f64 * (STATS_BATCH * self.settings.bptt) as f64))
+    }
 }
 
 /// The statistics' batch size over the training split (the reference code's).
@@ -415,11 +459,12 @@ fn run_dynamic(
     let ppl = loss.exp();
     let seconds = start.elapsed().as_secs_f64();
     let (tokens, chars) = (scored.ids.len() as u64 - 1, scored.stream_chars());
+    let (lr_name, or_search) = opts.advice();
     if dynamic::diverged(ppl, tokenizer.len() as i64) {
-        let or_search = if opts.search { "" } else { ", or let --dynamic-search choose" };
+        let or_epsilon = if opts.in_training { "" } else { " or a larger --dyn-epsilon" };
         bail!(
             "dynamic evaluation diverged on {} ({}): perplexity {ppl:.4e}, worse than a uniform guess over the {} \
-             words; use a smaller --dyn-lr or a larger --dyn-epsilon{or_search}",
+             words; use a smaller {lr_name}{or_epsilon}{or_search}",
             scored.name,
             settings.describe(),
             tokenizer.len()
@@ -431,8 +476,7 @@ fn run_dynamic(
         bits_per_char(static_loss, tokens, chars)
     ));
     if ppl > static_ppl * (1.0 + 1e-9) {
-        let or_search = if opts.search { "" } else { ", or --dynamic-search" };
-        notes.push(format!("dynamic evaluation made it worse: try a smaller --dyn-lr{or_search}"));
+        notes.push(format!("dynamic evaluation made it worse: try a smaller {lr_name}{or_search}"));
     } else if settings.lr == 0.0 {
         notes.push("with --dyn-lr 0 the weights never change: this is static evaluation".to_string());
     }

@@ -360,6 +360,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         search_tokens: args.dyn_search_tokens as usize,
         stats_batches: args.dyn_stats_batches.map(|n| n as usize),
         quiet: false,
+        in_training: false,
     });
     let place = eval::CorpusPlace { dir: args.data_dir, file: args.data_file };
     let r = eval::run(&args.checkpoint, &target, &place, args.device, args.batch_size, dynamic.as_ref())?;

@@ -123,8 +123,9 @@ pub struct Reserve {
     pub test_tokens: f64,
     /// Evaluation speed (tokens/s): measured by the last validation, else estimated.
     pub eval_tokens_per_s: f64,
-    /// With `train.dynamic_eval`: the training split's tokens (the gradient statistics read
-    /// them once, forward and backward) and the training speed (tokens/s).
+    /// With `train.dynamic_eval`: the training tokens the gradient statistics read (forward
+    /// and backward, once; all of the split unless `train.dynamic_stats_batches` caps them)
+    /// and the training speed (tokens/s).
     pub dynamic: Option<(f64, f64)>,
 }
 

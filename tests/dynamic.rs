@@ -272,6 +272,58 @@ fn training_with_dynamic_eval_reports_what_eval_dynamic_prints_and_keeps_its_sta
 }
 
 #[test]
+fn training_with_chosen_dynamic_settings_uses_them_and_eval_with_the_same_flags_reuses_its_statistics() {
+    let s = Sandbox::new();
+    let cfg =
+        s.config("c.toml", "dynamic_eval = true\ndynamic_lr = 1e-4\ndynamic_decay = 0.005\ndynamic_stats_batches = 2");
+    let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]);
+    assert_success(&o);
+    assert!(stdout(&o).contains("with dynamic: lr 1e-4, decay 0.005"), "{}", stdout(&o));
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/best/gradstats.json")).unwrap()).unwrap();
+    assert_eq!(stats["key"]["recipe"]["max_batches"], 2, "{stats}");
+    assert_eq!(stats["batches"], 2, "{stats}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let dynamic = summary["test_ppl_dynamic"].as_f64().unwrap();
+    let settings = summary["dynamic_settings"].as_str().unwrap();
+    assert!(settings.contains("lr 1e-4, decay 0.005") && settings.contains("at most 2 training batches"), "{settings}");
+    let eval = |extra: &[&str]| {
+        let args = [&["--threads", "1", "eval", "--checkpoint", "run/best", "--device", "cpu", "--dynamic"][..], extra];
+        let o = s.run(&args.concat());
+        assert_success(&o);
+        let out = stdout(&o);
+        let rest = &out[out.find("perplexity: ").unwrap() + "perplexity: ".len()..];
+        let printed: f64 = rest.split(|c: char| c == ';' || c.is_whitespace()).next().unwrap().parse().unwrap();
+        (printed, stderr(&o))
+    };
+    // The run's own settings: its statistics are reused and the number is the summary's.
+    let (printed, err) = eval(&["--dyn-lr", "1e-4", "--dyn-decay", "0.005", "--dyn-stats-batches", "2"]);
+    assert!(!err.contains("gradient statistics over"), "recomputed: {err}");
+    assert!((printed - dynamic).abs() <= 0.5e-4 * printed.max(1.0), "eval {printed} vs summary {dynamic}");
+    // Statistics over the whole split are another recipe: recomputed, never the capped ones.
+    let (_, err) = eval(&["--dyn-lr", "1e-4", "--dyn-decay", "0.005"]);
+    assert!(err.contains("gradient statistics over"), "reused statistics of 2 batches: {err}");
+}
+
+#[test]
+fn a_dynamic_evaluation_that_diverges_after_training_fails_and_a_resume_with_a_smaller_rate_finishes_the_run() {
+    let s = Sandbox::new();
+    let cfg = s.config("c.toml", "dynamic_eval = true\ndynamic_lr = 1e3\ndynamic_stats_batches = 2");
+    let o = s.run(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_one_line_error(&o, &["dynamic evaluation diverged", "train.dynamic_lr", "--resume"]);
+    assert!(!s.path("run/summary.json").exists(), "a summary without the figure the config asks for");
+    let o = s.run(&["--threads", "1", "train", "--resume", "run", "--set", "train.dynamic_lr=1e-4"]);
+    assert_success(&o);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
+    assert!(dynamic.is_finite() && dynamic > 1.0 && fixed.is_finite(), "{summary}");
+    assert!(summary["dynamic_settings"].as_str().unwrap().starts_with("lr 1e-4"), "{summary}");
+}
+
+#[test]
 fn the_statistics_key_names_the_split_and_tokenizer_not_where_the_file_lies() {
     use ptb_lm::config::DataConfig;
     use ptb_lm::dynamic::train_digest;

@@ -94,6 +94,9 @@ pub struct Summary {
     pub test_bpc_dynamic: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dynamic_seconds: Option<f64>,
+    /// The settings that figure was computed with (η, λ, ε, segment length, statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_settings: Option<String>,
 }
 
 impl Session {
@@ -195,6 +198,7 @@ impl Session {
             test_ppl_dynamic: None,
             test_bpc_dynamic: None,
             dynamic_seconds: None,
+            dynamic_settings: None,
         };
         let no_test = if is_test { "" } else { " (no test split: the best checkpoint scored on validation)" };
         self.reporter.line(&format!(
@@ -207,10 +211,19 @@ impl Session {
         let mut summary = summary;
         if self.cfg.train.dynamic_eval {
             let t = Instant::now();
-            let report = self.dynamic_test()?;
+            let opts = eval::DynamicOptions::of_training(&self.cfg.train, self.reporter.is_quiet());
+            let report = self.dynamic_test(&opts).with_context(|| {
+                format!(
+                    "{}: trained and saved, but its dynamic evaluation failed; finish the run with \
+                     `ptb-lm train --resume {} --set train.dynamic_lr=...` (or score best/ with `ptb-lm eval`)",
+                    self.run.root.display(),
+                    self.run.root.display()
+                )
+            })?;
             summary.test_ppl_dynamic = Some(report.ppl);
             summary.test_bpc_dynamic = Some(report.bpc);
             summary.dynamic_seconds = Some(t.elapsed().as_secs_f64());
+            summary.dynamic_settings = Some(opts.describe());
             self.reporter.line(&format!(
                 "test ppl {:.2} | test bpc {:.4} with {} ({:.0} s)",
                 report.ppl,
@@ -226,15 +239,8 @@ impl Session {
 
     /// `train.dynamic_eval`: the test split of best/ under dynamic evaluation, exactly as
     /// `ptb-lm eval --checkpoint RUN/best --dynamic` scores it (statistics kept in best/).
-    pub(super) fn dynamic_test(&self) -> Result<eval::EvalReport> {
-        let opts = eval::DynamicOptions {
-            settings: crate::dynamic::Settings::default(),
-            search: false,
-            search_tokens: 0,
-            stats_batches: None,
-            quiet: self.reporter.is_quiet(),
-        };
+    pub(super) fn dynamic_test(&self, opts: &eval::DynamicOptions) -> Result<eval::EvalReport> {
         let target = eval::Target::Split(Split::Test);
-        eval::run(&self.run.best(), &target, &eval::CorpusPlace::default(), self.cfg.run.device, None, Some(&opts))
+        eval::run(&self.run.best(), &target, &eval::CorpusPlace::default(), self.cfg.run.device, None, Some(opts))
     }
 }

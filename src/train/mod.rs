@@ -77,7 +77,7 @@ pub struct TrainOptions {
 /// How a training process ended.
 pub enum Outcome {
     /// Every epoch trained, the best checkpoint tested.
-    Finished(Summary),
+    Finished(Box<Summary>),
     /// Stopped after `--stop-after` epochs as asked.
     Stopped(Projection),
     /// A data-parallel rank other than 0 finished its part (rank 0 reports).
@@ -230,7 +230,10 @@ impl Session {
                 Some(s) if s > 0.0 => valid_tokens / s,
                 _ => 2.0 * train_speed,
             },
-            dynamic: self.cfg.train.dynamic_eval.then(|| (tokens(&self.splits.train), train_speed)),
+            dynamic: self.cfg.train.dynamic_eval.then(|| {
+                let opts = crate::eval::DynamicOptions::of_training(&self.cfg.train, true);
+                (opts.stats_tokens(tokens(&self.splits.train)), train_speed)
+            }),
         }
     }
 
@@ -252,7 +255,12 @@ impl Session {
                  more than the budget; training ends now and the run will overrun it (raise train.max_minutes{})",
                 b.seconds / 60.0,
                 reserve,
-                if self.cfg.train.dynamic_eval { " or set train.dynamic_eval = false" } else { "" }
+                if self.cfg.train.dynamic_eval {
+                    ", cap train.dynamic_stats_batches, or set train.dynamic_eval = false and leave out its other \
+                     dynamic_* keys"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -324,7 +332,7 @@ impl Session {
             left_to_test(&self.run.root, split)
         ));
         failpoint::pause("test");
-        self.finish().map(Outcome::Finished)
+        self.finish().map(|s| Outcome::Finished(Box::new(s)))
     }
 
     /// The batches of the current epoch from `pos.batch` on. Every [`CHECK_EVERY`] the loss

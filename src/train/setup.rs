@@ -140,6 +140,7 @@ pub(super) fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path)
         "train.max_nan_restarts",
         "train.cuda_graph",
         "train.log_grad_norm",
+        "train.dynamic_lr/decay",
     ];
     let mut probe = cfg.clone();
     probe.train.epochs = old.train.epochs;
@@ -152,6 +153,9 @@ pub(super) fn resumed_config(old: &Config, overrides: &[String], run_dir: &Path)
     probe.train.max_nan_restarts = old.train.max_nan_restarts;
     probe.train.cuda_graph = old.train.cuda_graph;
     probe.train.log_grad_norm = old.train.log_grad_norm;
+    // Only the evaluation after training reads them (a diverged one is mended this way).
+    probe.train.dynamic_lr = old.train.dynamic_lr;
+    probe.train.dynamic_decay = old.train.dynamic_decay;
     if &probe != old {
         bail!("when resuming, only {} may change ({})", allowed.join(", "), crate::run::config_diff(old, &probe));
     }
