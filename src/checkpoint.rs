@@ -175,6 +175,16 @@ pub fn read_meta(dir: &Path) -> Result<Meta> {
     Ok(meta)
 }
 
+/// Records in the checkpoint `dir` the dynamic-evaluation settings of `train` (its
+/// checkpoint.json rewritten whole; weights and state untouched): a resume that changes them
+/// only for the evaluation after training keeps them for every later resume too.
+pub fn record_dynamic_settings(dir: &Path, train: &crate::config::TrainConfig) -> Result<()> {
+    let mut meta = read_meta(dir)?;
+    meta.config.train.dynamic_lr = train.dynamic_lr;
+    meta.config.train.dynamic_decay = train.dynamic_decay;
+    crate::fsutil::write_atomic(&dir.join(META), serde_json::to_string_pretty(&meta)?.as_bytes())
+}
+
 fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.exists() {
         bail!("{}: file is missing", path.display());

@@ -321,6 +321,13 @@ fn a_dynamic_evaluation_that_diverges_after_training_fails_and_a_resume_with_a_s
     let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
     assert!(dynamic.is_finite() && dynamic > 1.0 && fixed.is_finite(), "{summary}");
     assert!(summary["dynamic_settings"].as_str().unwrap().starts_with("lr 1e-4"), "{summary}");
+    // The mended rate is the run's from then on: trained further, it is not the diverging one.
+    let o = s.run(&["--threads", "1", "train", "--resume", "run", "--epochs", "2"]);
+    assert_success(&o);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs"].as_array().unwrap().len(), 2, "{summary}");
+    assert!(summary["dynamic_settings"].as_str().unwrap().starts_with("lr 1e-4"), "{summary}");
 }
 
 #[test]

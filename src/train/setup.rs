@@ -101,6 +101,10 @@ pub fn resume(run_dir: &Path, overrides: &[String], opts: &TrainOptions, stop: &
     let model = ckpt.model(device)?;
     if replicas.leads() {
         run.write_config(&cfg)?;
+        let t = (&cfg.train, &ckpt.meta.config.train);
+        if (t.0.dynamic_lr, t.0.dynamic_decay) != (t.1.dynamic_lr, t.1.dynamic_decay) {
+            checkpoint::record_dynamic_settings(&last, &cfg.train)?;
+        }
     }
     Session::new(cfg, corpus, splits, model, device, run, opts, Some(ckpt), replicas)?.run(stop)
 }
