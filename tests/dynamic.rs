@@ -231,8 +231,7 @@ fn training_with_dynamic_eval_reports_what_eval_dynamic_prints_and_keeps_its_sta
     assert_success(&o);
     assert!(stdout(&o).contains("with dynamic: lr"), "{}", stdout(&o));
     assert!(stderr(&o).contains("note: gradient statistics over"), "{}", stderr(&o));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let summary = common::summary(&s.path("run"));
     let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
     assert!(dynamic.is_finite() && fixed.is_finite());
     // --quiet: no notes, and the one result line carries the dynamic figure beside the static.
@@ -252,8 +251,7 @@ fn training_with_dynamic_eval_reports_what_eval_dynamic_prints_and_keeps_its_sta
     let line = stdout(&o);
     assert_eq!(line.lines().count(), 1, "{line}");
     // The figures of this run's own summary, as printed.
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let summary = common::summary(&s.path("run"));
     let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
     assert!(
         line.contains(&format!("perplexity: {fixed:.4}")) && line.contains(&format!("perplexity {dynamic:.4}")),
@@ -283,8 +281,7 @@ fn training_with_chosen_dynamic_settings_uses_them_and_eval_with_the_same_flags_
         serde_json::from_str(&std::fs::read_to_string(s.path("run/best/gradstats.json")).unwrap()).unwrap();
     assert_eq!(stats["key"]["recipe"]["max_batches"], 2, "{stats}");
     assert_eq!(stats["batches"], 2, "{stats}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let summary = common::summary(&s.path("run"));
     let dynamic = summary["test_ppl_dynamic"].as_f64().unwrap();
     let settings = summary["dynamic_settings"].as_str().unwrap();
     assert!(settings.contains("lr 1e-4, decay 0.005") && settings.contains("at most 2 training batches"), "{settings}");
@@ -316,16 +313,14 @@ fn a_dynamic_evaluation_that_diverges_after_training_fails_and_a_resume_with_a_s
     assert!(!s.path("run/summary.json").exists(), "a summary without the figure the config asks for");
     let o = s.run(&["--threads", "1", "train", "--resume", "run", "--set", "train.dynamic_lr=1e-4"]);
     assert_success(&o);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let summary = common::summary(&s.path("run"));
     let (dynamic, fixed) = (summary["test_ppl_dynamic"].as_f64().unwrap(), summary["test_ppl"].as_f64().unwrap());
     assert!(dynamic.is_finite() && dynamic > 1.0 && fixed.is_finite(), "{summary}");
     assert!(summary["dynamic_settings"].as_str().unwrap().starts_with("lr 1e-4"), "{summary}");
     // The mended rate is the run's from then on: trained further, it is not the diverging one.
     let o = s.run(&["--threads", "1", "train", "--resume", "run", "--epochs", "2"]);
     assert_success(&o);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.path("run/summary.json")).unwrap()).unwrap();
+    let summary = common::summary(&s.path("run"));
     assert_eq!(summary["epochs"].as_array().unwrap().len(), 2, "{summary}");
     assert!(summary["dynamic_settings"].as_str().unwrap().starts_with("lr 1e-4"), "{summary}");
 }
