@@ -68,7 +68,14 @@ impl Settings {
 
     /// "lr 5e-5, decay 0.002, segments of 5".
     pub fn describe(&self) -> String {
-        format!("lr {:e}, decay {}, epsilon {:e}, segments of {}", self.lr, self.decay, self.epsilon, self.bptt)
+        // `+ 0.0` writes a -0 given on the command line as 0.
+        format!(
+            "lr {:e}, decay {}, epsilon {:e}, segments of {}",
+            self.lr + 0.0,
+            self.decay + 0.0,
+            self.epsilon,
+            self.bptt
+        )
     }
 
     /// The reference code's search grid (η × λ, scaled by bptt / 5 for other segment lengths).

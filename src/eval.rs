@@ -358,6 +358,19 @@ impl Scored {
     }
 }
 
+/// A dynamic evaluation that blew up: its rate too large for the model. An error of its own
+/// kind, whose cure (a smaller rate) the caller can name in its own terms.
+#[derive(Debug)]
+pub struct Diverged(pub String);
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Diverged {}
+
 /// `eval --dynamic`: gradient statistics (saved beside the checkpoint's weights and reused
 /// only for the same weights, training text and recipe), the optional search on validation,
 /// then the target in one stream. A diverged result is an error, not a number.
@@ -462,13 +475,14 @@ fn run_dynamic(
     let (lr_name, or_search) = opts.advice();
     if dynamic::diverged(ppl, tokenizer.len() as i64) {
         let or_epsilon = if opts.in_training { "" } else { " or a larger --dyn-epsilon" };
-        bail!(
+        return Err(Diverged(format!(
             "dynamic evaluation diverged on {} ({}): perplexity {ppl:.4e}, worse than a uniform guess over the {} \
              words; use a smaller {lr_name}{or_epsilon}{or_search}",
             scored.name,
             settings.describe(),
             tokenizer.len()
-        );
+        ))
+        .into());
     }
     let mut notes = scored.notes;
     notes.push(format!(

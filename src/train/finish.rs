@@ -212,13 +212,16 @@ impl Session {
         if self.cfg.train.dynamic_eval {
             let t = Instant::now();
             let opts = eval::DynamicOptions::of_training(&self.cfg.train, self.reporter.is_quiet());
-            let report = self.dynamic_test(&opts).with_context(|| {
-                format!(
-                    "{}: trained and saved, but its dynamic evaluation failed; finish the run with \
-                     `ptb-lm train --resume {} --set train.dynamic_lr=...` (or score best/ with `ptb-lm eval`)",
-                    self.run.root.display(),
-                    self.run.root.display()
-                )
+            let report = self.dynamic_test(&opts).map_err(|e| {
+                let root = self.run.root.display();
+                // A smaller rate is the cure only for a divergence; anything else (a full disk,
+                // a Ctrl-C) needs the plain resume.
+                let smaller =
+                    if e.chain().any(|c| c.is::<eval::Diverged>()) { " --set train.dynamic_lr=..." } else { "" };
+                e.context(format!(
+                    "{root}: trained and saved, but its dynamic evaluation failed; finish the run with \
+                     `ptb-lm train --resume {root}{smaller}` (or score best/ with `ptb-lm eval`)"
+                ))
             })?;
             summary.test_ppl_dynamic = Some(report.ppl);
             summary.test_bpc_dynamic = Some(report.bpc);
