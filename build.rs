@@ -5,7 +5,10 @@
 //!   (no symbol of it is referenced) and CUDA is silently unavailable at run time;
 //! * the small C++ shim `src/cuda.cpp` (CUDA graph capture/replay, GPU memory
 //!   statistics, TF32 and autocast settings), compiled against the same libtorch headers when libtorch has CUDA.
-//!   Without it the crate still builds, with `cuda::available() == false`.
+//!   Without it the crate still builds, with `cuda::available() == false`;
+//! * the fused decoder loss for the CPU (`src/cpu.cpp`, its row kernel `src/xent.c`, see
+//!   `src/xent.rs`), on x86-64 when libtorch ships the autograd headers and its OpenMP
+//!   runtime. Without it `xent::decoded_loss` is the decoder followed by `cross_entropy`.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -13,6 +16,9 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(ptb_cuda_shim)");
     println!("cargo::rustc-check-cfg=cfg(ptb_gloo)");
+    println!("cargo::rustc-check-cfg=cfg(ptb_cpu_kernel)");
+    println!("cargo:rerun-if-changed=src/cpu.cpp");
+    println!("cargo:rerun-if-changed=src/xent.c");
     println!("cargo:rerun-if-changed=src/dist.cpp");
     println!("cargo:rerun-if-changed=src/shim.hpp");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
@@ -30,6 +36,7 @@ fn main() {
 
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
     build_gloo_shim(&include);
+    build_cpu_kernel(&include, &lib);
     match (has_cuda, cuda_headers(&lib)) {
         (true, Some(cuda_include)) if include.join("ATen/cuda/CUDAGraph.h").exists() => {
             cc::Build::new()
@@ -87,6 +94,57 @@ fn build_gloo_shim(include: &Path) {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
     println!("cargo:rustc-cfg=ptb_gloo");
+}
+
+/// The fused decoder loss (`src/cpu.cpp`, `src/xent.c`). The row kernel is compiled with
+/// AVX2 and FMA (called only on CPUs that have them) and OpenMP, linked to the OpenMP
+/// runtime libtorch itself loads (`libgomp*.so*` beside it), so that both share one pool of
+/// threads.
+fn build_cpu_kernel(include: &Path, lib: &Path) {
+    if env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("x86_64")
+        || !include.join("torch/csrc/autograd/custom_function.h").exists()
+    {
+        return;
+    }
+    let gomp = std::fs::read_dir(lib).ok().and_then(|entries| {
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("libgomp") && n.contains(".so"))
+            .collect();
+        names.sort();
+        names.into_iter().next()
+    });
+    let Some(gomp) = gomp else {
+        println!("cargo:warning=no libgomp beside libtorch; building without the fused CPU loss");
+        return;
+    };
+    // The shim first: it calls the kernel, and the linker reads archives in order.
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("src/cpu.cpp")
+        .compile("ptb_cpu_shim");
+    cc::Build::new()
+        .pic(true)
+        .warnings(false)
+        .flag("-O3")
+        .flag("-mavx2")
+        .flag("-mfma")
+        .flag("-fopenmp")
+        .file("src/xent.c")
+        .compile("ptb_xent_kernel");
+    for l in ["torch_cpu", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={l}");
+    }
+    println!("cargo:rustc-link-arg=-l:{gomp}");
+    println!("cargo:rustc-cfg=ptb_cpu_kernel");
 }
 
 /// The directory holding `cuda_runtime_api.h`: CUDA_HOME, the PyPI wheel's nvidia

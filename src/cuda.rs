@@ -110,9 +110,9 @@ pub struct CudaGraph {
     captured: bool,
 }
 
-/// The first line of a message a C++ shim (`cuda.cpp`, `dist.cpp`) returned, which is then
+/// The first line of a message a C++ shim (`cuda.cpp`, `dist.cpp`, `cpu.cpp`) returned, which is then
 /// freed with the shim's `free` (null: "unknown error").
-#[cfg(any(ptb_cuda_shim, ptb_gloo))]
+#[cfg(any(ptb_cuda_shim, ptb_gloo, ptb_cpu_kernel))]
 pub(crate) fn shim_message(
     err: *mut std::os::raw::c_char,
     free: unsafe extern "C" fn(*mut std::os::raw::c_char),

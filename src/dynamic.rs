@@ -215,8 +215,8 @@ impl GradStats {
         for k in 0..n {
             zero_grads(&named);
             let (x, y) = batches.get(k);
-            let f = model.forward(&x, &state, false);
-            LstmLm::loss(&f.logits, &y).backward();
+            let f = model.hidden(&x, &state, false);
+            model.decoded_loss(&f.last_dropped, &y).backward();
             tch::no_grad(|| {
                 for (s, (_, p)) in sq.iter_mut().zip(&named) {
                     let g = p.grad();

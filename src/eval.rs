@@ -90,8 +90,8 @@ pub fn score(
     let mut tokens = 0u64;
     for (x, y) in segments {
         let _no_grad = (!grad).then(tch::no_grad_guard);
-        let f = model.forward(&x, &state, false);
-        let loss = LstmLm::loss(&f.logits, &y);
+        let f = model.hidden(&x, &state, false);
+        let loss = model.decoded_loss(&f.last_dropped, &y);
         sum += loss.detach().to_kind(Kind::Double) * y.numel() as f64;
         tokens += y.numel() as u64;
         if let Some(learn) = learn.as_mut() {

@@ -5,6 +5,7 @@
 //! * [`data`]: corpus files, splits and the book's stateful batching
 //! * [`text`]: the tokenizers (word, character, byte-level BPE): text <-> token ids
 //! * [`model`]: the recurrent language model
+//! * [`xent`]: the decoder's loss (fused into one autograd node on the CPU)
 //! * [`cell`]: the recurrent cell (LSTM, GRU, plain RNN) and all that differs between them
 //! * [`step`]: one training step (eager or replayed from a CUDA graph), its snapshots and averaging
 //! * [`optim`]: the step's update rule (SGD, or AdamW) and its state
@@ -49,3 +50,4 @@ pub mod schedule;
 pub mod step;
 pub mod text;
 pub mod train;
+pub mod xent;

@@ -89,6 +89,17 @@ pub struct Forward {
     pub last_dropped: Tensor,
 }
 
+/// What [`LstmLm::hidden`] returns: the forward pass up to the decoder, whose input is
+/// `last_dropped` ([`LstmLm::decoded_loss`] takes it from there).
+pub struct Hidden {
+    /// The state after the last step (still attached to the graph).
+    pub state: State,
+    /// Last recurrent layer's output before dropout (for temporal activation regularisation).
+    pub last_raw: Tensor,
+    /// Last recurrent layer's output after dropout: the decoder's input (T, B, H).
+    pub last_dropped: Tensor,
+}
+
 struct Layer {
     w_ih: Tensor,
     w_hh: Tensor,
@@ -275,6 +286,29 @@ impl LstmLm {
 
     /// Runs `x` (T, B) of word ids from `state`. With `train`, dropout is active.
     pub fn forward(&self, x: &Tensor, state: &State, train: bool) -> Forward {
+        let h = self.hidden(x, state, train);
+        Forward {
+            logits: self.decode(&h.last_dropped),
+            state: h.state,
+            last_raw: h.last_raw,
+            last_dropped: h.last_dropped,
+        }
+    }
+
+    /// The decoder's scores (…, V) for the last layer's (dropped-out) output `h` (…, H).
+    pub fn decode(&self, h: &Tensor) -> Tensor {
+        h.linear(self.decoder_weight(), Some(&self.decoder_bias))
+    }
+
+    /// The mean cross-entropy of [`LstmLm::decode`]`(h)` against `targets` (float32 under
+    /// bf16 autocast): the loss of training and of every perplexity ([`crate::xent`]; fused
+    /// on the CPU).
+    pub fn decoded_loss(&self, h: &Tensor, targets: &Tensor) -> Tensor {
+        crate::xent::decoded_loss(h, self.decoder_weight(), &self.decoder_bias, targets)
+    }
+
+    /// [`LstmLm::forward`] without the decoder.
+    pub fn hidden(&self, x: &Tensor, state: &State, train: bool) -> Hidden {
         let cfg = &self.cfg;
         let emb_w = if train && cfg.dropout_embedding > 0.0 {
             embedding_dropout(&self.embedding, cfg.dropout_embedding)
@@ -292,8 +326,7 @@ impl LstmLm {
             let (out, hn, cn) = cell.run(&h, (&Tensor::cat(&state.h, 0), c0.as_ref()), &weights, n, p, train);
             let split = |t: &Tensor| (0..n).map(|l| t.narrow(0, l, 1)).collect();
             let dropped = self.dropout(&out, cfg.dropout_output(), train);
-            return Forward {
-                logits: dropped.linear(self.decoder_weight(), Some(&self.decoder_bias)),
+            return Hidden {
                 state: State { h: split(&hn), c: cn.as_ref().map_or_else(Vec::new, split) },
                 last_raw: out,
                 last_dropped: dropped,
@@ -325,13 +358,7 @@ impl LstmLm {
             }
             h = self.dropout(&out, p, train);
         }
-        let logits = h.linear(self.decoder_weight(), Some(&self.decoder_bias));
-        Forward {
-            logits,
-            state: State { h: new_h, c: new_c },
-            last_raw: last_raw.expect("at least one layer"),
-            last_dropped: h,
-        }
+        Hidden { state: State { h: new_h, c: new_c }, last_raw: last_raw.expect("at least one layer"), last_dropped: h }
     }
 
     /// Reads `x` (T, B) from `state` through the embedding and the recurrent layers only, without
@@ -370,7 +397,8 @@ impl LstmLm {
     }
 
     /// Mean cross-entropy of `logits` (T, B, V) against `targets` (T, B), in the logits'
-    /// dtype (tch's `cross_entropy_for_logits` would force float32).
+    /// dtype (tch's `cross_entropy_for_logits` would force float32). Training and every
+    /// perplexity use [`LstmLm::decoded_loss`], which takes the decoder's input instead.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
         let v = logits.size()[2];
         logits.view([-1, v]).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)

@@ -11,6 +11,7 @@ use ptb_lm::data::Batches;
 use ptb_lm::eval::{perplexity, perplexity_of_stream};
 use ptb_lm::model::{embedding_dropout, locked_dropout, LstmLm};
 use ptb_lm::step::TrainStep;
+use ptb_lm::xent;
 use tch::{Device, Kind, Tensor};
 
 fn model_cfg(extra: &[&str]) -> Config {
@@ -390,4 +391,67 @@ fn a_text_scored_in_chunks_equals_one_pass_over_it() {
     let book = perplexity(&model, &Batches::new(&corpus[..21], 1, 5, Device::Cpu).unwrap());
     let stream = perplexity_of_stream(&model, &corpus[..21], 5, Device::Cpu);
     assert!((book - stream).abs() / book < 1e-12, "{book} vs {stream}");
+}
+
+/// The loss and the gradients of h, W and b through [`xent::decoded_loss`] and through
+/// [`xent::reference`] (the decoder, then cross_entropy), as the largest relative difference.
+fn fused_against_reference(n: i64, hidden: i64, v: i64, scale: f64, seed: i64) -> (f64, f64, f64) {
+    tch::manual_seed(seed);
+    let h0 = Tensor::randn([n, hidden], (Kind::Float, Device::Cpu)) * scale;
+    let w0 = Tensor::randn([v, hidden], (Kind::Float, Device::Cpu)) * 0.5;
+    let b0 = Tensor::randn([v], (Kind::Float, Device::Cpu));
+    let t = Tensor::randint(v, [n], (Kind::Int64, Device::Cpu));
+    let run = |f: fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor| {
+        let (h, w, b) =
+            (h0.copy().set_requires_grad(true), w0.copy().set_requires_grad(true), b0.copy().set_requires_grad(true));
+        let loss = f(&h.view([n / 2, 2, hidden]), &w, &b, &t.view([n / 2, 2]));
+        (&loss * 3.0).backward();
+        (f64::try_from(&loss).unwrap(), [h.grad(), w.grad(), b.grad()])
+    };
+    let (fused, fg) = run(xent::decoded_loss);
+    let (plain, pg) = run(xent::reference);
+    let grad_diff = fg
+        .iter()
+        .zip(&pg)
+        .map(|(a, b)| f64::try_from((a - b).abs().max() / b.abs().max()).unwrap())
+        .fold(0.0, f64::max);
+    (fused, plain, grad_diff)
+}
+
+#[test]
+fn the_fused_cpu_loss_equals_the_decoder_then_cross_entropy_in_value_and_gradients() {
+    let off = std::env::var("PTB_LM_FUSED_LOSS").is_ok_and(|v| v == "0");
+    #[cfg(target_arch = "x86_64")]
+    if !off && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        assert!(xent::fused_available(), "this CPU has AVX2 and FMA, yet the fused loss was not built");
+    }
+    // Vocabularies with and without a tail of fewer than 8 scores (the kernel's vectors are 8
+    // wide); scores of order 1, and spread over tens.
+    for (n, hidden, v, scale, seed) in
+        [(40, 16, 1000, 1.0, 1), (22, 7, 1003, 1.0, 2), (10, 5, 13, 20.0, 3), (6, 3, 5, 1.0, 4)]
+    {
+        let (fused, plain, grads) = fused_against_reference(n, hidden, v, scale, seed);
+        assert!((fused - plain).abs() <= 1e-5 * plain.abs().max(1.0), "V {v}: loss {fused} against {plain}");
+        assert!(grads <= 1e-5, "V {v}: the gradients differ by {grads:e} (relative to the largest)");
+    }
+}
+
+#[test]
+fn the_fused_cpu_loss_of_a_non_finite_score_is_nan_and_a_bad_target_is_refused() {
+    let (n, hidden, v) = (4, 3, 11);
+    let w = Tensor::ones([v, hidden], (Kind::Float, Device::Cpu));
+    let b = Tensor::zeros([v], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[1i64, 2, 3, 4]);
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let h = Tensor::ones([n, hidden], (Kind::Float, Device::Cpu));
+        let _ = h.get(2).get(1).fill_(bad);
+        let loss = f64::try_from(xent::decoded_loss(&h, &w, &b, &t)).unwrap();
+        assert!(loss.is_nan(), "a score of {bad} gave the loss {loss}");
+    }
+    let h = Tensor::ones([n, hidden], (Kind::Float, Device::Cpu));
+    for target in [-1i64, v] {
+        let t = Tensor::from_slice(&[1i64, target, 3, 4]);
+        let r = std::panic::catch_unwind(|| xent::decoded_loss(&h, &w, &b, &t));
+        assert!(r.is_err(), "target {target} of {v} classes gave a loss");
+    }
 }

@@ -148,8 +148,8 @@ impl TrainStep {
             }
         }
         let (f, loss) = crate::cuda::autocast_bf16(self.bf16, || {
-            let f = self.model.forward(&self.x, &self.state, true);
-            let loss = LstmLm::loss(&f.logits.to_kind(Kind::Float), &self.y);
+            let f = self.model.hidden(&self.x, &self.state, true);
+            let loss = self.model.decoded_loss(&f.last_dropped, &self.y);
             (f, loss)
         });
         let t = f.last_raw.size()[0];
