@@ -39,18 +39,7 @@ fn main() {
     build_cpu_kernel(&include, &lib);
     match (has_cuda, cuda_headers(&lib)) {
         (true, Some(cuda_include)) if include.join("ATen/cuda/CUDAGraph.h").exists() => {
-            cc::Build::new()
-                .cpp(true)
-                .pic(true)
-                .warnings(false)
-                .include(&include)
-                .include(include.join("torch/csrc/api/include"))
-                .include(&cuda_include)
-                .flag("-std=c++17")
-                .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-                .flag("-DGLOG_USE_GLOG_EXPORT")
-                .file("src/cuda.cpp")
-                .compile("ptb_cuda_shim");
+            libtorch_cpp(&include).include(&cuda_include).file("src/cuda.cpp").compile("ptb_cuda_shim");
             for l in ["torch_cuda", "c10_cuda", "torch_cpu", "c10"] {
                 println!("cargo:rustc-link-lib=dylib={l}");
             }
@@ -62,6 +51,20 @@ fn main() {
         ),
         _ => {}
     }
+}
+
+/// A C++ compilation against libtorch's headers, with the flags its own build used.
+fn libtorch_cpp(include: &Path) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT");
+    b
 }
 
 /// The torch.distributed shim (`src/dist.cpp`): c10d's TCPStore and ProcessGroupGloo live in
@@ -77,19 +80,7 @@ fn build_gloo_shim(include: &Path) {
     if !(gloo.join("gloo/algorithm.h").exists() && header.exists()) {
         return;
     }
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(include)
-        .include(include.join("torch/csrc/api/include"))
-        .include(&gloo)
-        .flag("-std=c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .flag("-DUSE_C10D_GLOO")
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("src/dist.cpp")
-        .compile("ptb_dist_shim");
+    libtorch_cpp(include).include(&gloo).flag("-DUSE_C10D_GLOO").file("src/dist.cpp").compile("ptb_dist_shim");
     for l in ["torch_cpu", "c10"] {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
@@ -120,17 +111,7 @@ fn build_cpu_kernel(include: &Path, lib: &Path) {
         return;
     };
     // The shim first: it calls the kernel, and the linker reads archives in order.
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("src/cpu.cpp")
-        .compile("ptb_cpu_shim");
+    libtorch_cpp(include).file("src/cpu.cpp").compile("ptb_cpu_shim");
     cc::Build::new()
         .pic(true)
         .warnings(false)
