@@ -30,14 +30,14 @@ using torch::autograd::tensor_list;
 
 struct DecodedXent : public torch::autograd::Function<DecodedXent> {
   // h (N, H), w (V, H), b (V): float32 on the CPU; targets (N): int64 in [0, V).
+  // `grad`: whether a backward pass may follow (else the bias's gradient is not summed).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
-                            const at::Tensor& targets) {
+                            const at::Tensor& targets, bool grad) {
     const int64_t n = h.size(0), v = w.size(0);
     at::Tensor g = at::addmm(b, h, w.t()).contiguous();
     at::Tensor t = targets.contiguous();
     at::Tensor rows = at::empty({n}, h.options());
     // The bias's gradient is summed while the rows are in cache, when one will be wanted.
-    const bool grad = h.requires_grad() || w.requires_grad() || b.requires_grad();
     at::Tensor colsum = grad ? at::empty({v}, h.options()) : at::Tensor();
     int rc = ptb_xent_rows_avx2(g.data_ptr<float>(), t.data_ptr<int64_t>(), rows.data_ptr<float>(),
                                 grad ? colsum.data_ptr<float>() : nullptr, n, v);
@@ -53,7 +53,7 @@ struct DecodedXent : public torch::autograd::Function<DecodedXent> {
     at::Tensor dh = at::addmm(at::empty({g.size(0), w.size(1)}, g.options()), g, w, 0.0, scale);
     at::Tensor dw = at::addmm(at::empty({w.size(0), w.size(1)}, g.options()), g.t(), h, 0.0, scale);
     at::Tensor db = colsum.mul(scale);
-    return {dh, dw, db, at::Tensor()};
+    return {dh, dw, db, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -83,7 +83,9 @@ void* ptb_decoded_xent(void* h, void* w, void* b, void* targets, char** err) {
       TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < tw.size(0), "targets from ", lo.item<int64_t>(),
                   " to ", hi.item<int64_t>(), " are out of bounds for ", tw.size(0), " classes");
     }
-    out = new at::Tensor(DecodedXent::apply(th, tw, tb, tt));
+    // (Inside the node's forward, grad mode is off: it is asked here.)
+    const bool grad = at::GradMode::is_enabled() && (th.requires_grad() || tw.requires_grad() || tb.requires_grad());
+    out = new at::Tensor(DecodedXent::apply(th, tw, tb, tt, grad));
   });
   return out;
 }

@@ -10,8 +10,9 @@
 // vectorised as in Pommier's avx_mathfun: relative error below 2e-7 on [-87, 0], which is
 // all it sees here (scores minus their row's maximum).
 //
-// A row holding a NaN or an infinity gets a NaN loss and a NaN gradient, as log_softmax
-// would give, so that the divergence guard sees it.
+// Non-finite scores give what log_softmax gives: a row holding a NaN or +inf, or nothing
+// but -inf, has a NaN loss and gradient (so that the divergence guard sees it); a -inf
+// score among finite ones has probability 0 (and the loss is +inf when it is the target's).
 
 #include <immintrin.h>
 #include <math.h>
@@ -54,20 +55,21 @@ static inline double hsum(__m256d v) {
 // acc (v doubles) unless it is null; returns the loss.
 static float row(float* x, int64_t t, int64_t v, double* acc) {
   const int64_t vv = v - v % 8;
-  // Pass 1: the maximum, and whether any score is not finite (x - x is NaN exactly then).
-  __m256 mx = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+  // Pass 1: the maximum, and whether any score is NaN.
+  __m256 mx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
   for (int64_t i = 0; i < vv; i += 8) {
     __m256 a = _mm256_loadu_ps(x + i);
     mx = _mm256_max_ps(mx, a);
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(a, a), _mm256_sub_ps(a, a), _CMP_UNORD_Q));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
   }
   float m = hmax(mx);
-  int nonfinite = _mm256_movemask_ps(bad) != 0;
+  int bad = _mm256_movemask_ps(nan) != 0;
   for (int64_t i = vv; i < v; i++) {
-    if (!isfinite(x[i])) nonfinite = 1;
+    if (isnan(x[i])) bad = 1;
     if (x[i] > m) m = x[i];
   }
-  if (nonfinite) {
+  // A maximum of +inf or -inf leaves no finite shift (inf - inf).
+  if (bad || !isfinite(m)) {
     for (int64_t i = 0; i < v; i++) x[i] = NAN;
     if (acc != NULL)
       for (int64_t i = 0; i < v; i++) acc[i] = NAN;

@@ -8,8 +8,8 @@
 //! such buffers and crosses them six times. On a word model that buffer is most of a
 //! step's memory traffic (20 × 35 rows × 10,000 words = 28 MB a step). Elsewhere (CUDA,
 //! other dtypes, a CPU without AVX2 and FMA) it is [`reference`]. The two agree to float32
-//! rounding (tests/model.rs); `PTB_LM_FUSED_LOSS=0` in the environment chooses
-//! [`reference`] everywhere, to measure one against the other.
+//! rounding (tests/model.rs); `PTB_LM_FUSED_LOSS=0` (or false, off, no) in the environment
+//! chooses [`reference`] everywhere, to measure one against the other.
 
 use std::sync::OnceLock;
 use tch::{Kind, Tensor};
@@ -30,13 +30,26 @@ mod ffi {
 }
 
 /// Whether [`decoded_loss`] fuses on the CPU: built with the kernel, a CPU with AVX2 and
-/// FMA, and not turned off by `PTB_LM_FUSED_LOSS=0`.
+/// FMA, and not turned off by `PTB_LM_FUSED_LOSS` (0, false, off or no).
 pub fn fused_available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let off = std::env::var("PTB_LM_FUSED_LOSS").is_ok_and(|v| v == "0");
-        cfg!(ptb_cpu_kernel) && !off && cpu_has_avx2_fma()
-    })
+    *ON.get_or_init(|| cfg!(ptb_cpu_kernel) && enabled_by_environment() && cpu_has_avx2_fma())
+}
+
+/// What `PTB_LM_FUSED_LOSS` asks for (on when unset); a value that is neither on nor off
+/// is said once, not guessed at silently.
+pub fn enabled_by_environment() -> bool {
+    let Ok(v) = std::env::var("PTB_LM_FUSED_LOSS") else { return true };
+    match v.trim().to_ascii_lowercase().as_str() {
+        "0" | "false" | "off" | "no" => false,
+        "1" | "true" | "on" | "yes" => true,
+        _ => {
+            eprintln!(
+                "warning: PTB_LM_FUSED_LOSS={v:?} is neither 0/false/off/no nor 1/true/on/yes; the fused loss stays on"
+            );
+            true
+        }
+    }
 }
 
 fn cpu_has_avx2_fma() -> bool {

@@ -420,9 +420,8 @@ fn fused_against_reference(n: i64, hidden: i64, v: i64, scale: f64, seed: i64) -
 
 #[test]
 fn the_fused_cpu_loss_equals_the_decoder_then_cross_entropy_in_value_and_gradients() {
-    let off = std::env::var("PTB_LM_FUSED_LOSS").is_ok_and(|v| v == "0");
     #[cfg(target_arch = "x86_64")]
-    if !off && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if xent::enabled_by_environment() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         assert!(xent::fused_available(), "this CPU has AVX2 and FMA, yet the fused loss was not built");
     }
     // Vocabularies with and without a tail of fewer than 8 scores (the kernel's vectors are 8
@@ -437,7 +436,7 @@ fn the_fused_cpu_loss_equals_the_decoder_then_cross_entropy_in_value_and_gradien
 }
 
 #[test]
-fn the_fused_cpu_loss_of_a_non_finite_score_is_nan_and_a_bad_target_is_refused() {
+fn the_fused_cpu_loss_treats_non_finite_scores_as_log_softmax_does_and_refuses_a_bad_target() {
     let (n, hidden, v) = (4, 3, 11);
     let w = Tensor::ones([v, hidden], (Kind::Float, Device::Cpu));
     let b = Tensor::zeros([v], (Kind::Float, Device::Cpu));
@@ -446,7 +445,22 @@ fn the_fused_cpu_loss_of_a_non_finite_score_is_nan_and_a_bad_target_is_refused()
         let h = Tensor::ones([n, hidden], (Kind::Float, Device::Cpu));
         let _ = h.get(2).get(1).fill_(bad);
         let loss = f64::try_from(xent::decoded_loss(&h, &w, &b, &t)).unwrap();
-        assert!(loss.is_nan(), "a score of {bad} gave the loss {loss}");
+        assert!(loss.is_nan(), "a row of scores {bad} gave the loss {loss}");
+    }
+    // One word scored -inf among finite scores has probability 0: a finite loss, unless it
+    // is a target's (then +inf), in both paths.
+    let h = Tensor::randn([n, hidden], (Kind::Float, Device::Cpu));
+    let b = Tensor::zeros([v], (Kind::Float, Device::Cpu));
+    let _ = b.get(7).fill_(f64::NEG_INFINITY);
+    for (targets, finite) in [([1i64, 2, 3, 4], true), ([1, 7, 3, 4], false)] {
+        let t = Tensor::from_slice(&targets);
+        let fused = f64::try_from(xent::decoded_loss(&h, &w, &b, &t)).unwrap();
+        let plain = f64::try_from(xent::reference(&h, &w, &b, &t)).unwrap();
+        assert_eq!(fused.is_finite(), finite, "targets {targets:?}: {fused}");
+        assert!(
+            fused == plain || (fused - plain).abs() <= 1e-5 * plain.abs(),
+            "targets {targets:?}: {fused} against {plain}"
+        );
     }
     let h = Tensor::ones([n, hidden], (Kind::Float, Device::Cpu));
     for target in [-1i64, v] {
