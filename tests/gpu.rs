@@ -210,3 +210,31 @@ fn adam_steps_in_a_cuda_graph_compute_what_plain_adam_steps_compute() {
     let count = state.iter().find(|(n, _)| n == "adam.step").map(|(_, t)| f64::try_from(t).unwrap());
     assert_eq!(count, Some(12.0));
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_decoders_loss_on_cuda_equals_the_cpus_fused_one_in_value_and_gradients() {
+    assert!(tch::Cuda::is_available(), "no CUDA device");
+    tch::manual_seed(3);
+    let (n, hidden, v) = (700, 200, 10000);
+    let h0 = Tensor::randn([n, hidden], (Kind::Float, Device::Cpu));
+    let w0 = Tensor::randn([v, hidden], (Kind::Float, Device::Cpu)) * 0.1;
+    let b0 = Tensor::randn([v], (Kind::Float, Device::Cpu));
+    let t = Tensor::randint(v, [n], (Kind::Int64, Device::Cpu));
+    let run = |device: Device| {
+        let leaf = |x: &Tensor| x.to_device(device).set_requires_grad(true);
+        let (h, w, b) = (leaf(&h0), leaf(&w0), leaf(&b0));
+        let loss = ptb_lm::xent::decoded_loss(&h, &w, &b, &t.to_device(device));
+        loss.backward();
+        let grads: Vec<Tensor> = [h.grad(), w.grad(), b.grad()].iter().map(|g| g.to_device(Device::Cpu)).collect();
+        (f64::try_from(loss.to_device(Device::Cpu)).unwrap(), grads)
+    };
+    let (cpu, cg) = run(Device::Cpu);
+    let (cuda, gg) = run(Device::Cuda(0));
+    // TF32 is off by default, so both are float32 products summed in different orders.
+    assert!((cpu - cuda).abs() <= 1e-5 * cpu.abs(), "loss {cpu} on the CPU, {cuda} on CUDA");
+    for (a, b) in cg.iter().zip(&gg) {
+        let diff = f64::try_from((a - b).abs().max() / b.abs().max()).unwrap();
+        assert!(diff <= 1e-4, "the gradients differ by {diff:e}");
+    }
+}
