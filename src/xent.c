@@ -103,7 +103,8 @@ static float row(float* x, int64_t t, int64_t v, double* acc) {
     }
     for (int64_t i = vv; i < v; i++) acc[i] += x[i];
   }
-  return (float)(log(sum) + (double)m - (double)xt);
+  // The difference first: with scores of 1e20, log(sum) + m would round away the log.
+  return (float)(log(sum) + ((double)m - (double)xt));
 }
 
 // x: n rows of v scores (row-major); t: n targets in [0, v); loss: n losses out; colsum

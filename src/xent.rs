@@ -39,8 +39,8 @@ pub fn fused_available() -> bool {
 /// What `PTB_LM_FUSED_LOSS` asks for (on when unset); a value that is neither on nor off
 /// is said once, not guessed at silently.
 pub fn enabled_by_environment() -> bool {
-    let Ok(v) = std::env::var("PTB_LM_FUSED_LOSS") else { return true };
-    match v.trim().to_ascii_lowercase().as_str() {
+    let Some(v) = std::env::var_os("PTB_LM_FUSED_LOSS") else { return true };
+    match v.to_string_lossy().trim().to_ascii_lowercase().as_str() {
         "0" | "false" | "off" | "no" => false,
         "1" | "true" | "on" | "yes" => true,
         _ => {

@@ -463,6 +463,14 @@ fn the_fused_cpu_loss_treats_non_finite_scores_as_log_softmax_does_and_refuses_a
         );
     }
     let h = Tensor::ones([n, hidden], (Kind::Float, Device::Cpu));
+    // Huge finite scores (a bias of ±1e20 swamps h·W): the loss is that of a uniform guess.
+    for c in [1e10, -1e20, 1e30] {
+        let b = Tensor::full([v], c, (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[1i64, 2, 3, 4]);
+        let fused = f64::try_from(xent::decoded_loss(&h, &w, &b, &t)).unwrap();
+        let plain = f64::try_from(xent::reference(&h, &w, &b, &t)).unwrap();
+        assert!((fused - plain).abs() <= 1e-5 * plain, "bias {c}: {fused} against {plain}");
+    }
     for target in [-1i64, v] {
         let t = Tensor::from_slice(&[1i64, target, 3, 4]);
         let r = std::panic::catch_unwind(|| xent::decoded_loss(&h, &w, &b, &t));
