@@ -400,8 +400,7 @@ impl LstmLm {
     /// dtype (tch's `cross_entropy_for_logits` would force float32). Training and every
     /// perplexity use [`LstmLm::decoded_loss`], which takes the decoder's input instead.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
-        let v = logits.size()[2];
-        logits.view([-1, v]).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
+        crate::xent::of_scores(logits, targets)
     }
 
     /// Copies checked weights into the model: every parameter must be present with its

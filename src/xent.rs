@@ -81,8 +81,14 @@ pub fn reference(h: &Tensor, w: &Tensor, b: &Tensor, targets: &Tensor) -> Tensor
     if matches!(logits.kind(), Kind::BFloat16 | Kind::Half) {
         logits = logits.to_kind(Kind::Float);
     }
-    let v = w.size()[0];
-    logits.view([-1, v]).cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0)
+    of_scores(&logits, targets)
+}
+
+/// Mean cross-entropy of scores (…, V) against `targets` (…), in the scores' dtype (tch's
+/// `cross_entropy_for_logits` would force float32).
+pub fn of_scores(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let v = *logits.size().last().expect("scores have a last dimension");
+    logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0)
 }
 
 #[cfg(ptb_cpu_kernel)]
